@@ -1,0 +1,229 @@
+"""End to end: tiny training runs, checkpoints, resume, evaluation, and bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import FAST_ENV, OTHER_KIND_ENV, ROOT, TINY, only_run_dir, run_main
+
+
+def tiny(script, *extra):
+    return ["--env-id", FAST_ENV[script.__name__], *TINY, *extra]
+
+
+def train_tiny(script, tmp_path, *extra):
+    assert run_main(script, tiny(script, *extra), tmp_path) == 0
+    return only_run_dir(tmp_path)
+
+
+def test_tiny_run_writes_events_checkpoint_and_evaluation(script, tmp_path, capsys):
+    run_dir = train_tiny(script, tmp_path)
+    files = os.listdir(run_dir)
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["global_step"] == 128 and ckpt["iteration"] == 2
+    assert not [f for f in files if ".tmp" in f]  # atomic writes leave no temp file behind
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert len(evaluation["returns"]) == 2
+    out = capsys.readouterr().out
+    assert "step        128/128" in out and "evaluation:" in out
+
+
+def test_default_env_trains(script, tmp_path):
+    """The default env (Lunar Lander) end to end, with a periodic evaluation and best.pt."""
+    assert run_main(script, [*TINY, "--eval-every", "1", "--periodic-eval-episodes", "1"], tmp_path) == 0
+    run_dir = only_run_dir(tmp_path)
+    assert {"checkpoint.pt", "best.pt", "evaluation.json"} <= set(os.listdir(run_dir))
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["args"]["env_id"].startswith("LunarLander")
+
+
+def test_tensorboard_tags(script, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # 256 steps per env: long enough for a Pendulum episode (200) to end and be logged
+    run_dir = train_tiny(script, tmp_path, "--eval-every", "2", "--periodic-eval-episodes", "1",
+                         "--num-steps", "128", "--total-timesteps", "512")
+    tags = set(EventAccumulator(str(run_dir)).Reload().Tags()["scalars"])
+    expected = {"charts/episodic_return", "charts/episodic_length", "charts/SPS", "charts/learning_rate",
+                "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/approx_kl",
+                "losses/old_approx_kl", "losses/clipfrac", "losses/explained_variance", "eval/mean_return"}
+    assert expected <= tags
+
+
+def test_same_seed_gives_identical_weights(script, tmp_path):
+    weights = []
+    for i in range(2):
+        run_dir = train_tiny(script, tmp_path / str(i))
+        weights.append(torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    other = train_tiny(script, tmp_path / "other", "--seed", "2")
+    other = torch.load(other / "checkpoint.pt", weights_only=True)["model"]
+    assert not all(torch.equal(weights[0][k], other[k]) for k in other)
+
+
+def test_eval_checkpoint_reproduces_the_final_evaluation(script, tmp_path, capsys):
+    run_dir = train_tiny(script, tmp_path, "--eval-episodes", "3")
+    final = json.loads((run_dir / "evaluation.json").read_text())
+    capsys.readouterr()
+    assert run_main(script, ["--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "3"], tmp_path) == 0
+    out = capsys.readouterr().out
+    assert f"evaluation: {final['mean']:.1f} +/- {final['std']:.1f} over 3 episodes" in out
+    assert len(os.listdir(tmp_path / "runs")) == 1  # evaluating starts no new run
+
+
+def test_resume_continues_the_same_run(script, tmp_path):
+    run_dir = train_tiny(script, tmp_path)
+    before = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert run_main(script, ["--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "256"], tmp_path) == 0
+    after = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert len(os.listdir(tmp_path / "runs")) == 1  # same run directory
+    assert (after["global_step"], after["iteration"]) == (256, 4)
+    assert after["args"]["num_steps"] == 32  # the checkpoint's hyperparameters, not the defaults
+    assert after["optimizer"]["state"][0]["step"] > before["optimizer"]["state"][0]["step"]
+    assert not all(torch.equal(before["model"][k], after["model"][k]) for k in after["model"])
+
+
+def test_capture_video_writes_mp4(script, tmp_path):
+    run_dir = train_tiny(script, tmp_path, "--capture-video", "--eval-episodes", "1")
+    for phase in ("train", "eval"):
+        videos = [f for f in os.listdir(run_dir / "videos" / phase) if f.endswith(".mp4")]
+        assert videos and all((run_dir / "videos" / phase / v).stat().st_size > 1000 for v in videos)
+
+
+def test_checkpoint_write_is_atomic(script, tmp_path, monkeypatch):
+    run_dir = train_tiny(script, tmp_path)
+    good = (run_dir / "checkpoint.pt").read_bytes()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(script.torch, "save", broken_save)
+    agent = script.agent_from_checkpoint(script.load_checkpoint(str(run_dir / "checkpoint.pt")))
+    with pytest.raises(OSError):
+        script.save_checkpoint(str(run_dir / "checkpoint.pt"), agent=agent, optimizer=torch.optim.Adam(agent.parameters()),
+                               args=script.Args(), global_step=0, iteration=0, best_eval=0.0)
+    assert (run_dir / "checkpoint.pt").read_bytes() == good
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2
+BAD_FLAGS = [
+    (["--num-envs", "0"], "--num-envs must be positive"),
+    (["--num-steps", "-3"], "--num-steps must be positive"),
+    (["--learning-rate", "0"], "--learning-rate must be positive"),
+    (["--num-minibatches", "3"], "does not split into 3 equal minibatches"),
+    (["--total-timesteps", "10"], "less than one batch"),
+    (["--gamma", "1.5"], "--gamma must lie in [0, 1]"),
+    (["--gae-lambda", "-0.1"], "--gae-lambda must lie in [0, 1]"),
+    (["--env-id", "NoSuchEnv-v0"], "cannot make env 'NoSuchEnv-v0'"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[f[0][0] for f in BAD_FLAGS])
+def test_bad_flags_exit_2_with_one_line(script, tmp_path, capsys, flags, message):
+    assert run_main(script, [*TINY, *flags], tmp_path) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("error: ")
+    assert not os.path.exists(tmp_path / "runs")  # nothing created
+
+
+def test_env_of_the_other_action_kind_points_to_the_twin(script, tmp_path, capsys):
+    assert run_main(script, [*TINY, "--env-id", OTHER_KIND_ENV[script.__name__]], tmp_path) == 2
+    twin = "ppo_continuous.py" if script.__name__ == "ppo_discrete" else "ppo_discrete.py"
+    assert f"use {twin}" in capsys.readouterr().err
+
+
+def bad_checkpoints(script, tmp_path):
+    run_dir = train_tiny(script, tmp_path / "good")
+    good = run_dir / "checkpoint.pt"
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"model": {}}, foreign)
+    twin = tmp_path / "twin.pt"
+    data = torch.load(good, weights_only=True)
+    data["script"] = "ppo_continuous" if script.__name__ == "ppo_discrete" else "ppo_discrete"
+    torch.save(data, twin)
+    return [(tmp_path / "missing.pt", "does not exist"), (truncated, "not a readable checkpoint"),
+            (text, "not a readable checkpoint"), (foreign, f"not a checkpoint of {script.__name__}.py"),
+            (twin, "use that script")], good
+
+
+@pytest.mark.parametrize("flag", ["--eval-checkpoint", "--resume"])
+def test_bad_checkpoints_exit_2_with_one_line(script, tmp_path, capsys, flag):
+    cases, good = bad_checkpoints(script, tmp_path)
+    before = good.read_bytes()
+    for path, message in cases:
+        capsys.readouterr()
+        assert run_main(script, [flag, str(path)], tmp_path) == 2, path
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    # A checkpoint whose shapes do not fit the env asked for.
+    other_env = {"ppo_discrete": "Acrobot-v1", "ppo_continuous": "LunarLanderContinuous-v3"}[script.__name__]
+    assert run_main(script, [flag, str(good), "--env-id", other_env], tmp_path) == 2
+    assert "use the env it was trained on" in capsys.readouterr().err
+    assert run_main(script, [flag, str(good), "--hidden-size", "32"], tmp_path) == 2
+    assert "hidden layers of 64" in capsys.readouterr().err
+    assert good.read_bytes() == before
+
+
+def test_a_new_run_never_writes_into_an_existing_run_dir(script, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(script.time, "strftime", lambda fmt: "20260101-000000")
+    run_dir = train_tiny(script, tmp_path)
+    before = {f: (run_dir / f).stat().st_mtime_ns for f in os.listdir(run_dir)}
+    assert run_main(script, tiny(script), tmp_path) == 2
+    assert "pick another --runs-dir or --exp-name" in capsys.readouterr().err
+    assert {f: (run_dir / f).stat().st_mtime_ns for f in os.listdir(run_dir)} == before
+
+
+# ------------------------------------------------------------------ as a user runs it
+def run_cli(script, *argv, **kwargs):
+    return subprocess.run([sys.executable, os.path.join(ROOT, f"{script.__name__}.py"), *argv],
+                          capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_help_lists_the_flags(script):
+    result = run_cli(script, "--help")
+    assert result.returncode == 0
+    for flag in ("--env-id", "--total-timesteps", "--resume", "--eval-checkpoint", "--capture-video"):
+        assert flag in result.stdout
+
+
+def test_cli_error_is_one_line_without_traceback(script, tmp_path):
+    result = run_cli(script, "--gamma", "2", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == "error: --gamma must lie in [0, 1], got 2.0\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_how_to_resume(script, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, f"{script.__name__}.py"),
+                             "--env-id", FAST_ENV[script.__name__], "--total-timesteps", "100000000",
+                             "--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2",
+                             "--print-every", "0", "--checkpoint-every", "1000000"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith(script.__name__)  # the start-up line
+    assert proc.stdout.readline().startswith("step")  # training is under way
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "Traceback" not in err and "--resume" in err
+    run_dir = only_run_dir(tmp_path)
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["global_step"] > 0
+
+
+def test_import_is_side_effect_free(script, tmp_path):
+    code = f"import sys; sys.argv = ['x', '--bogus']; import {script.__name__}; print('ok')"
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": ROOT}, timeout=60)
+    assert result.stdout == "ok\n" and result.stderr == ""
+    assert os.listdir(tmp_path) == []
+    assert time.perf_counter() - start < 15
