@@ -1,0 +1,99 @@
+"""What only the continuous script has: the Gaussian policy, action clipping, normalization."""
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, only_run_dir, run_main
+import ppo_continuous as C
+
+
+def agent_with(mean, logstd, obs_dim=3):
+    agent = C.Agent(obs_dim, len(mean))
+    with torch.no_grad():
+        agent.actor[-1].weight.zero_()
+        agent.actor[-1].bias.copy_(torch.tensor(mean))
+        agent.actor_logstd.copy_(torch.tensor(logstd))
+    return agent
+
+
+def test_gaussian_logprob_and_entropy_by_hand():
+    # mean (0.5, -1), std (2, 1), action (1.5, 0): z = (0.5, 1)
+    agent = agent_with([0.5, -1.0], [math.log(2.0), 0.0])
+    logprob, entropy, _ = agent.logprob_entropy_value(torch.zeros(1, 3), torch.tensor([[1.5, 0.0]]))
+    log_2pi = math.log(2 * math.pi)
+    assert logprob.item() == pytest.approx(-0.5 * (0.25 + 1.0) - math.log(2.0) - log_2pi, rel=1e-6)
+    assert entropy.item() == pytest.approx(1.0 + log_2pi + math.log(2.0), rel=1e-6)
+
+
+def test_gaussian_matches_torch_normal_and_samples_have_the_right_moments():
+    agent = agent_with([0.3, -0.7], [-0.5, 0.4])
+    obs, actions = torch.zeros(8, 3), torch.randn(8, 2)
+    logprob, entropy, _ = agent.logprob_entropy_value(obs, actions)
+    normal = torch.distributions.Normal(torch.tensor([0.3, -0.7]), torch.tensor([-0.5, 0.4]).exp())
+    torch.testing.assert_close(logprob, normal.log_prob(actions).sum(-1))
+    torch.testing.assert_close(entropy, normal.entropy().sum().expand(8))
+    torch.manual_seed(0)
+    samples = agent.sample_action(torch.zeros(40000, 3))
+    torch.testing.assert_close(samples.mean(0), torch.tensor([0.3, -0.7]), atol=0.03, rtol=0)
+    torch.testing.assert_close(samples.std(0), normal.stddev, atol=0.03, rtol=0)
+    assert torch.equal(agent.mean_action(torch.zeros(1, 3))[0], torch.tensor([0.3, -0.7]))
+
+
+def test_only_the_env_copy_of_the_action_is_clipped(tmp_path, monkeypatch):
+    sent, scored = [], []
+    real_step, real_score = gym.vector.SyncVectorEnv.step, C.Agent.logprob_entropy_value
+
+    def step(self, actions):
+        sent.append(np.array(actions))
+        return real_step(self, actions)
+
+    def score(self, obs, actions):
+        scored.append(actions.detach().clone())
+        return real_score(self, obs, actions)
+
+    monkeypatch.setattr(gym.vector.SyncVectorEnv, "step", step)
+    monkeypatch.setattr(C.Agent, "logprob_entropy_value", score)
+    assert run_main(C, ["--env-id", "Pendulum-v1", *TINY, "--total-timesteps", "512", "--num-steps", "128",
+                        "--log-std-init", "1.0"], tmp_path) == 0
+    sent = np.concatenate(sent)
+    stored = torch.cat([a.reshape(-1, 1) for a in scored]).numpy()
+    assert np.abs(sent).max() <= 2.0  # Pendulum's bound
+    assert np.abs(stored).max() > 2.0  # the unclipped samples are what is stored and scored
+
+
+def test_normalization_statistics_survive_a_checkpoint_and_are_frozen_in_evaluation(tmp_path):
+    assert run_main(C, ["--env-id", "Pendulum-v1", *TINY], tmp_path) == 0
+    ckpt = C.load_checkpoint(str(only_run_dir(tmp_path) / "checkpoint.pt"))
+    model = ckpt["model"]
+    assert model["obs_rms.count"] > 100 and model["return_rms.count"] > 100  # updated by training
+    assert not torch.equal(model["obs_rms.mean"], torch.zeros(3))
+    agent = C.agent_from_checkpoint(ckpt)
+    for key in ("obs_rms.mean", "obs_rms.var", "obs_rms.count", "return_rms.var"):
+        assert torch.equal(agent.state_dict()[key], model[key])
+    obs = torch.randn(5, 3) * 3
+    expected = ((obs - model["obs_rms.mean"]) / torch.sqrt(model["obs_rms.var"] + 1e-8)).clamp(-10, 10)
+    torch.testing.assert_close(agent.normalize(obs), expected)
+    before = {k: v.clone() for k, v in agent.state_dict().items()}
+    C.evaluate(agent, "Pendulum-v1", 2, seed=0)
+    assert all(torch.equal(before[k], v) for k, v in agent.state_dict().items())
+
+
+def test_running_mean_std_matches_numpy_over_batches():
+    rms = C.RunningMeanStd((2,))
+    data = np.random.default_rng(0).normal(3.0, 2.0, size=(300, 2))
+    for chunk in np.split(data, [7, 100, 230]):
+        rms.update(torch.from_numpy(chunk))
+    np.testing.assert_allclose(rms.mean.numpy(), data.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(rms.var.numpy(), data.var(0), rtol=1e-3)
+
+
+def test_observation_normalization_can_be_turned_off(tmp_path):
+    assert run_main(C, ["--env-id", "Pendulum-v1", *TINY, "--no-norm-obs", "--no-norm-reward"], tmp_path) == 0
+    ckpt = C.load_checkpoint(str(only_run_dir(tmp_path) / "checkpoint.pt"))
+    assert ckpt["model"]["obs_rms.count"] < 1  # never updated
+    agent = C.agent_from_checkpoint(ckpt)
+    obs = torch.randn(4, 3) * 20
+    assert torch.equal(agent.normalize(obs), obs)
