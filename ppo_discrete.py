@@ -70,7 +70,7 @@ class Args:
     """Gymnasium id of an env with a Discrete action space and a flat Box observation"""
     total_timesteps: int = 2_000_000
     """environment steps to train for, over all envs"""
-    # CleanRL: 2.5e-4. 3e-4 (the zoo's) learns faster here, and annealing makes it safe.
+    # CleanRL: 2.5e-4; 3e-4 is the zoo's value. Annealed to 0, which settles the landing late.
     learning_rate: float = 3e-4
     """Adam learning rate at the start (annealed linearly to 0 with --anneal-lr)"""
     # CleanRL: 4 x 128. More envs: a 16-row forward costs the same as a 4-row one, and a batch
@@ -87,7 +87,8 @@ class Args:
     """discount factor"""
     gae_lambda: float = 0.98
     """lambda of Generalized Advantage Estimation"""
-    # CleanRL: 4 (of 128). Minibatches of 128 from a 4096 batch: 128 gradient steps a batch.
+    # CleanRL: 4 (of 128). Minibatches of 128 from a 4096 batch: 128 gradient steps a batch
+    # (the zoo's minibatches of 64 learned as well but trained 25% slower, benchmark/RESULTS.md).
     num_minibatches: int = 32
     """minibatches per epoch"""
     update_epochs: int = 4
@@ -441,37 +442,37 @@ def train(args: Args, run_dir: str, checkpoint: Optional[dict] = None, stop: Opt
             optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - iteration / args.num_iterations)
 
         # --- Rollout: num_steps steps of every env with the current policy ---
-        for step in range(T):
-            t0 = time.perf_counter()
-            obs = np.asarray(obs, dtype=np.float32)
-            obs_buf[step] = obs
-            with torch.inference_mode():  # no autograd bookkeeping while acting
+        with torch.inference_mode():  # no autograd bookkeeping while acting
+            for step in range(T):
+                t0 = time.perf_counter()
+                obs = np.asarray(obs, dtype=np.float32)
+                obs_buf[step] = obs
                 action = agent.sample_action(torch.from_numpy(obs).to(device)).cpu().numpy()
-            t1 = time.perf_counter()
-            obs, reward, terminated, truncated, infos = envs.step(action)
-            t2 = time.perf_counter()
-            actions_buf[step] = action
-            rewards_buf[step] = reward
-            terminations_buf[step] = terminated
-            done = terminated | truncated
-            dones_buf[step] = done
-            next_obs_buf[step] = obs
-            if done.any():
-                # SAME_STEP autoreset: `obs` already starts the next episode; the true s_t+1
-                # of an ended episode is in final_obs (needed to bootstrap a truncation).
-                ended = np.flatnonzero(infos["_final_obs"])
-                next_obs_buf[step, ended] = np.stack(infos["final_obs"][ended])
-                episode = infos["final_info"]["episode"]
-                for i in np.flatnonzero(infos["final_info"]["_episode"]):
-                    recent_returns.append(float(episode["r"][i]))
-                    writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)
-                    writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)
-            global_step += N
-            timings["action"] += t1 - t0
-            timings["env"] += t2 - t1
-            timings["storage"] += time.perf_counter() - t2
-            if stop.signum:
-                break
+                t1 = time.perf_counter()
+                obs, reward, terminated, truncated, infos = envs.step(action)
+                t2 = time.perf_counter()
+                actions_buf[step] = action
+                rewards_buf[step] = reward
+                terminations_buf[step] = terminated
+                done = terminated | truncated
+                dones_buf[step] = done
+                next_obs_buf[step] = obs
+                if done.any():
+                    # SAME_STEP autoreset: `obs` already starts the next episode; the true s_t+1
+                    # of an ended episode is in final_obs (needed to bootstrap a truncation).
+                    ended = np.flatnonzero(infos["_final_obs"])
+                    next_obs_buf[step, ended] = np.stack(infos["final_obs"][ended])
+                    episode = infos["final_info"]["episode"]
+                    for i in np.flatnonzero(infos["final_info"]["_episode"]):
+                        recent_returns.append(float(episode["r"][i]))
+                        writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)
+                        writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)
+                global_step += N
+                timings["action"] += t1 - t0
+                timings["env"] += t2 - t1
+                timings["storage"] += time.perf_counter() - t2
+                if stop.signum:
+                    break
         if stop.signum:  # an incomplete rollout is dropped; the weights are still the last saved
             global_step -= (step + 1) * N
             break
