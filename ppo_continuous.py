@@ -218,7 +218,8 @@ def check_env(env_id: str) -> Optional[str]:
     try:
         env = gym.make(env_id)
     except gym.error.Error as e:  # unknown id, missing dependency (e.g. box2d), bad version
-        return f"cannot make env {env_id!r} ({e}): pick an id from gymnasium.envs.registry"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"cannot make env {env_id!r} ({reason}): pick an id from gymnasium.envs.registry"
     try:
         if isinstance(env.action_space, gym.spaces.Discrete):
             return f"{env_id} has a discrete action space: use ppo_discrete.py"
@@ -468,7 +469,9 @@ def train(args: Args, run_dir: str, checkpoint: Optional[dict] = None, stop: Opt
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in asdict(args).items()))
 
-    video_dir = os.path.join(run_dir, "videos", "train") if args.capture_video else None
+    # A resumed run records into its own folder: the episode numbers start again from 0.
+    video_name = "train" if global_step == 0 else f"train_from_step_{global_step}"
+    video_dir = os.path.join(run_dir, "videos", video_name) if args.capture_video else None
     envs = make_vector_env(
         [make_env(args.env_id, video_dir if i == 0 else None, capped_cubic) for i in range(args.num_envs)])
     # Env i starts from seed + i; a resumed run starts new episodes from fresh seeds.
@@ -827,7 +830,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.eval_checkpoint:
         agent = agent_from_checkpoint(checkpoint, device)
         run_dir = os.path.dirname(os.path.abspath(source))
-        video_dir = os.path.join(run_dir, "videos", "eval_checkpoint") if args.capture_video else None
+        video_name = f"eval_checkpoint_step_{checkpoint['global_step']}"
+        video_dir = os.path.join(run_dir, "videos", video_name) if args.capture_video else None
         returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir)
         report_evaluation(returns, None, checkpoint["global_step"])
         return 0

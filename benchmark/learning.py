@@ -13,6 +13,9 @@ episodes. Writes, under --out:
                        wall time, steps/s; then the median, mean and worst over seeds
   learning_SCRIPT.png  evaluation return against env steps: median and min-max band over
                        seeds, one line per configuration, the 200 line drawn
+  learning_SCRIPT.json every run's figures and curve. A later call reuses the runs found there
+                       with the same configuration name, flags, seed and steps, so adding a
+                       configuration does not repeat the others (--fresh to rerun everything).
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def run_one(script: str, config: str, flags: list[str], seed: int, total: int, e
         final = json.load(f)
     curve = eval_curve(run_dir)
     print(f"{config} seed {seed}: {final['mean']:.1f} +/- {final['std']:.1f} in {wall:.0f} s", flush=True)
-    return {"config": config, "seed": seed, "final": final, "curve": curve, "wall": wall,
+    return {"config": config, "flags": flags, "seed": seed, "total_timesteps": total, "eval_every": eval_every,
+            "final": final, "curve": curve, "wall": wall,
             "sps": final["global_step"] / wall, "command": shlex.join(["python", f"{script}.py", *cmd[2:]])}
 
 
@@ -133,6 +137,7 @@ def main() -> None:
     parser.add_argument("--config", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
                         help="another configuration to compare with the defaults; repeatable")
     parser.add_argument("--no-default", action="store_true", help="run only the --config configurations")
+    parser.add_argument("--fresh", action="store_true", help="rerun every run, ignoring the saved ones")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs at once (at most the cores)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--runs-dir", default=os.path.join(HERE, "out", "runs"))
@@ -140,13 +145,26 @@ def main() -> None:
 
     configs = {} if opts.no_default else {"default": []}
     configs.update({name: shlex.split(flags) for name, flags in opts.config})
-    jobs = []
+    saved_path = os.path.join(opts.out, f"learning_{opts.script}.json")
+    saved = []
+    if os.path.exists(saved_path) and not opts.fresh:
+        with open(saved_path) as f:
+            saved = json.load(f)
+    jobs, results = [], []
     for name, flags in configs.items():
         flags = [*flags, "--periodic-eval-episodes", str(opts.periodic_eval_episodes)]
         every = max(1, round(opts.eval_every_steps / batch_size(opts.script, flags)))
-        jobs += [(opts.script, name, flags, seed, opts.total_timesteps, every, opts.runs_dir) for seed in opts.seeds]
+        for seed in opts.seeds:
+            job = (opts.script, name, flags, seed, opts.total_timesteps, every, opts.runs_dir)
+            old = [r for r in saved if (r["config"], r.get("flags"), r["seed"], r.get("total_timesteps"),
+                                        r.get("eval_every")) == (name, flags, seed, opts.total_timesteps, every)]
+            if old:
+                print(f"{name} seed {seed}: reusing the saved run ({old[0]['final']['mean']:.1f})", flush=True)
+                results.append(old[0])
+            else:
+                jobs.append(job)
     with ThreadPoolExecutor(max_workers=min(opts.jobs, os.cpu_count())) as pool:
-        results = list(pool.map(lambda job: run_one(*job), jobs))
+        results += list(pool.map(lambda job: run_one(*job), jobs))
 
     os.makedirs(opts.out, exist_ok=True)
     report = write_report(opts.script, results, configs, opts)

@@ -203,7 +203,8 @@ def test_cli_error_is_one_line_without_traceback(script, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_ctrl_c_saves_a_checkpoint_and_prints_how_to_resume(script, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_saves_a_checkpoint_and_prints_how_to_resume(script, tmp_path, signum):
     proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, f"{script.__name__}.py"),
                              "--env-id", FAST_ENV[script.__name__], "--total-timesteps", "100000000",
                              "--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2",
@@ -211,9 +212,9 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_how_to_resume(script, tmp_path):
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().startswith(script.__name__)  # the start-up line
     assert proc.stdout.readline().startswith("step")  # training is under way
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGINT
+    assert proc.returncode == 128 + signum
     assert "Traceback" not in err and "--resume" in err
     run_dir = only_run_dir(tmp_path)
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["global_step"] > 0
