@@ -57,7 +57,7 @@ class Args:
     seed: int = 1
     """seed of torch, numpy, random and the training envs (env i gets seed + i)"""
     torch_deterministic: bool = True
-    """ask torch for deterministic kernels (matters on the GPU)"""
+    """set torch.backends.cudnn.deterministic (CleanRL's flag; only cuDNN kernels on a GPU care)"""
     cuda: bool = False
     """train on the GPU (CleanRL's default is on; 64-wide MLPs train faster on the CPU)"""
     capture_video: bool = False
@@ -152,9 +152,9 @@ class Args:
         return self.total_timesteps // self.batch_size
 
 
-# Flags that may differ on --resume or --eval-checkpoint without changing the learned policy.
-RUN_CONTROL = {"cuda", "capture_video", "runs_dir", "eval_episodes", "eval_every",
-               "periodic_eval_episodes", "checkpoint_every", "print_every", "resume", "eval_checkpoint"}
+# Flags that --resume and --eval-checkpoint always take from the command line, never from the
+# checkpoint: where to run and what to do. Every other flag comes from the checkpoint unless given.
+FROM_COMMAND_LINE = {"cuda", "resume", "eval_checkpoint"}
 
 
 def check_args(args: Args) -> Optional[str]:
@@ -174,6 +174,9 @@ def check_args(args: Args) -> Optional[str]:
     if args.batch_size % args.num_minibatches:
         return (f"the batch of {args.batch_size} (--num-envs x --num-steps) does not split into "
                 f"{args.num_minibatches} equal minibatches: change --num-minibatches")
+    if args.norm_adv and args.minibatch_size < 2:
+        return (f"minibatches of {args.minibatch_size} cannot normalize advantages: lower "
+                "--num-minibatches or pass --no-norm-adv")
     if args.total_timesteps < args.batch_size:
         return (f"--total-timesteps {args.total_timesteps} is less than one batch of "
                 f"{args.batch_size} (--num-envs x --num-steps): raise it or shrink the batch")
@@ -440,6 +443,21 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def discounted_returns(rewards, dones, running, gamma):
+    """Per env, the discounted return so far, G_t = gamma * G_t-1 + r_t, restarted after each
+    episode's end: the quantity whose running std reward scaling divides by [37-c8].
+
+    rewards, dones: (T, N) numpy arrays; running: (N,) G carried over from the previous rollout.
+    Returns (G of shape (T, N), the (N,) G to carry into the next rollout).
+    """
+    returns = np.zeros(rewards.shape)
+    for t in range(len(rewards)):
+        running = running * gamma + rewards[t]
+        returns[t] = running
+        running = np.where(dones[t] == 1, 0.0, running)
+    return returns, running
+
+
 def train(args: Args, run_dir: str, checkpoint: Optional[dict] = None, stop: Optional[StopRequest] = None):
     """Train PPO; returns (agent, global_step, timings). `checkpoint` resumes a saved run.
 
@@ -464,7 +482,8 @@ def train(args: Args, run_dir: str, checkpoint: Optional[dict] = None, stop: Opt
         optimizer.load_state_dict(checkpoint["optimizer"])
         global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"]
         set_rng_state(checkpoint["rng"])
-    writer = SummaryWriter(run_dir, purge_step=global_step or None)
+    # On resume, drop what an interrupted run logged after its checkpoint (steps > global_step).
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if global_step else None)
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in asdict(args).items()))
@@ -502,9 +521,10 @@ def train(args: Args, run_dir: str, checkpoint: Optional[dict] = None, stop: Opt
           f"({N} envs x {T} steps), minibatch {args.minibatch_size}, run dir {run_dir}")
 
     while iteration < args.num_iterations and not stop.signum:
-        # Linear learning-rate annealing to 0 at the last iteration [37-4].
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - iteration / args.num_iterations)
+        # Linear learning-rate annealing [37-4]: from learning_rate at the first iteration down to
+        # learning_rate / num_iterations at the last one.
+        frac = 1.0 - iteration / args.num_iterations if args.anneal_lr else 1.0
+        optimizer.param_groups[0]["lr"] = args.learning_rate * frac
 
         # --- Rollout: num_steps steps of every env with the current policy ---
         with torch.inference_mode():  # no autograd bookkeeping while acting
@@ -524,6 +544,7 @@ def train(args: Args, run_dir: str, checkpoint: Optional[dict] = None, stop: Opt
                 done = terminated | truncated
                 dones_buf[step] = done
                 next_obs_buf[step] = obs
+                global_step += N
                 if done.any():
                     # SAME_STEP autoreset: `obs` already starts the next episode; the true s_t+1
                     # of an ended episode is in final_obs (needed to bootstrap a truncation).
@@ -534,13 +555,12 @@ def train(args: Args, run_dir: str, checkpoint: Optional[dict] = None, stop: Opt
                         recent_returns.append(float(episode["r"][i]))
                         writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)
                         writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)
-                global_step += N
                 timings["action"] += t1 - t0
                 timings["env"] += t2 - t1
                 timings["storage"] += time.perf_counter() - t2
                 if stop.signum:
                     break
-        if stop.signum:  # an incomplete rollout is dropped; the weights are still the last saved
+        if stop.signum:  # drop the incomplete rollout: the weights are the last iteration's
             global_step -= (step + 1) * N
             break
         t_update = time.perf_counter()
@@ -551,12 +571,8 @@ def train(args: Args, run_dir: str, checkpoint: Optional[dict] = None, stop: Opt
             # Divide rewards by the running std of the discounted return (not of the reward),
             # so value targets keep a steady scale [37-c8]; the mean is not subtracted, which
             # would change the problem. One set of statistics for all envs.
-            returns_seen = np.zeros((T, N))
-            for t in range(T):
-                discounted_return = discounted_return * args.gamma + rewards_buf[t]
-                returns_seen[t] = discounted_return
-                discounted_return[dones_buf[t] == 1] = 0.0
-            agent.return_rms.update(torch.from_numpy(returns_seen.reshape(-1)))
+            returns_seen, discounted_return = discounted_returns(rewards_buf, dones_buf, discounted_return, args.gamma)
+            agent.return_rms.update(torch.from_numpy(returns_seen.reshape(-1)).to(device))
             scale = float(torch.sqrt(agent.return_rms.var + 1e-8))
             rewards = np.clip(rewards_buf / scale, -10.0, 10.0).astype(np.float32)
         else:
@@ -699,7 +715,8 @@ def get_rng_state() -> dict:
     # Plain tensors, lists and numbers only, so that torch.load(weights_only=True) accepts it.
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
+            "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -707,6 +724,8 @@ def set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path: str, *, agent, optimizer, args: Args, global_step: int, iteration: int,
@@ -718,11 +737,15 @@ def save_checkpoint(path: str, *, agent, optimizer, args: Args, global_step: int
             "optimizer": optimizer.state_dict(), "global_step": global_step, "iteration": iteration,
             "best_eval": float(best_eval), "rng": get_rng_state()}
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed: the old checkpoint is untouched
+            os.remove(tmp)
 
 
 class CheckpointError(Exception):
@@ -770,7 +793,7 @@ def args_from_checkpoint(data: dict, cli: Args, given: set[str]) -> Args:
     """The checkpoint's flags, overridden by the ones given explicitly on this command line."""
     known = {f.name for f in fields(Args)}
     merged = {k: v for k, v in data["args"].items() if k in known}
-    merged.update({k: getattr(cli, k) for k in given | RUN_CONTROL if k in known})
+    merged.update({k: getattr(cli, k) for k in given | FROM_COMMAND_LINE if k in known})
     return Args(**merged)
 
 
@@ -820,6 +843,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             checkpoint = load_checkpoint(source)
         except CheckpointError as e:
             return fail(str(e))
+        if cli.resume and os.path.basename(cli.resume) == "best.pt":
+            return fail("--resume continues a run from its checkpoint.pt; best.pt is for --eval-checkpoint")
         args = args_from_checkpoint(checkpoint, cli, explicit_flags(argv))
     if (error := check_args(args)) or (error := check_env(args.env_id)):
         return fail(error)
@@ -854,7 +879,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"stopped at step {global_step:,}; checkpoint saved. Resume with:\n"
               f"  python {SCRIPT}.py --resume {checkpoint_path}", file=sys.stderr)
         return 128 + stop.signum
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C now stops the evaluation
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     total = sum(timings.values()) or 1.0
     print("time split: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in timings.items()))
 
@@ -866,4 +892,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C outside training (evaluation): nothing left to save
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

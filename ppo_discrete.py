@@ -55,7 +55,7 @@ class Args:
     seed: int = 1
     """seed of torch, numpy, random and the training envs (env i gets seed + i)"""
     torch_deterministic: bool = True
-    """ask torch for deterministic kernels (matters on the GPU)"""
+    """set torch.backends.cudnn.deterministic (CleanRL's flag; only cuDNN kernels on a GPU care)"""
     cuda: bool = False
     """train on the GPU (CleanRL's default is on; 64-wide MLPs train faster on the CPU)"""
     capture_video: bool = False
@@ -142,9 +142,9 @@ class Args:
         return self.total_timesteps // self.batch_size
 
 
-# Flags that may differ on --resume or --eval-checkpoint without changing the learned policy.
-RUN_CONTROL = {"cuda", "capture_video", "runs_dir", "eval_episodes", "eval_every",
-               "periodic_eval_episodes", "checkpoint_every", "print_every", "resume", "eval_checkpoint"}
+# Flags that --resume and --eval-checkpoint always take from the command line, never from the
+# checkpoint: where to run and what to do. Every other flag comes from the checkpoint unless given.
+FROM_COMMAND_LINE = {"cuda", "resume", "eval_checkpoint"}
 
 
 def check_args(args: Args) -> Optional[str]:
@@ -164,6 +164,9 @@ def check_args(args: Args) -> Optional[str]:
     if args.batch_size % args.num_minibatches:
         return (f"the batch of {args.batch_size} (--num-envs x --num-steps) does not split into "
                 f"{args.num_minibatches} equal minibatches: change --num-minibatches")
+    if args.norm_adv and args.minibatch_size < 2:
+        return (f"minibatches of {args.minibatch_size} cannot normalize advantages: lower "
+                "--num-minibatches or pass --no-norm-adv")
     if args.total_timesteps < args.batch_size:
         return (f"--total-timesteps {args.total_timesteps} is less than one batch of "
                 f"{args.batch_size} (--num-envs x --num-steps): raise it or shrink the batch")
@@ -408,7 +411,8 @@ def train(args: Args, run_dir: str, checkpoint: Optional[dict] = None, stop: Opt
         optimizer.load_state_dict(checkpoint["optimizer"])
         global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"]
         set_rng_state(checkpoint["rng"])
-    writer = SummaryWriter(run_dir, purge_step=global_step or None)
+    # On resume, drop what an interrupted run logged after its checkpoint (steps > global_step).
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if global_step else None)
     if checkpoint is None:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in asdict(args).items()))
@@ -444,9 +448,10 @@ def train(args: Args, run_dir: str, checkpoint: Optional[dict] = None, stop: Opt
           f"({N} envs x {T} steps), minibatch {args.minibatch_size}, run dir {run_dir}")
 
     while iteration < args.num_iterations and not stop.signum:
-        # Linear learning-rate annealing to 0 at the last iteration [37-4].
-        if args.anneal_lr:
-            optimizer.param_groups[0]["lr"] = args.learning_rate * (1.0 - iteration / args.num_iterations)
+        # Linear learning-rate annealing [37-4]: from learning_rate at the first iteration down to
+        # learning_rate / num_iterations at the last one.
+        frac = 1.0 - iteration / args.num_iterations if args.anneal_lr else 1.0
+        optimizer.param_groups[0]["lr"] = args.learning_rate * frac
 
         # --- Rollout: num_steps steps of every env with the current policy ---
         with torch.inference_mode():  # no autograd bookkeeping while acting
@@ -464,6 +469,7 @@ def train(args: Args, run_dir: str, checkpoint: Optional[dict] = None, stop: Opt
                 done = terminated | truncated
                 dones_buf[step] = done
                 next_obs_buf[step] = obs
+                global_step += N
                 if done.any():
                     # SAME_STEP autoreset: `obs` already starts the next episode; the true s_t+1
                     # of an ended episode is in final_obs (needed to bootstrap a truncation).
@@ -474,13 +480,12 @@ def train(args: Args, run_dir: str, checkpoint: Optional[dict] = None, stop: Opt
                         recent_returns.append(float(episode["r"][i]))
                         writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)
                         writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)
-                global_step += N
                 timings["action"] += t1 - t0
                 timings["env"] += t2 - t1
                 timings["storage"] += time.perf_counter() - t2
                 if stop.signum:
                     break
-        if stop.signum:  # an incomplete rollout is dropped; the weights are still the last saved
+        if stop.signum:  # drop the incomplete rollout: the weights are the last iteration's
             global_step -= (step + 1) * N
             break
         t_update = time.perf_counter()
@@ -616,7 +621,8 @@ def get_rng_state() -> dict:
     # Plain tensors, lists and numbers only, so that torch.load(weights_only=True) accepts it.
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2]}
+            "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -624,6 +630,8 @@ def set_rng_state(state: dict) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path: str, *, agent, optimizer, args: Args, global_step: int, iteration: int,
@@ -635,11 +643,15 @@ def save_checkpoint(path: str, *, agent, optimizer, args: Args, global_step: int
             "optimizer": optimizer.state_dict(), "global_step": global_step, "iteration": iteration,
             "best_eval": float(best_eval), "rng": get_rng_state()}
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed: the old checkpoint is untouched
+            os.remove(tmp)
 
 
 class CheckpointError(Exception):
@@ -687,7 +699,7 @@ def args_from_checkpoint(data: dict, cli: Args, given: set[str]) -> Args:
     """The checkpoint's flags, overridden by the ones given explicitly on this command line."""
     known = {f.name for f in fields(Args)}
     merged = {k: v for k, v in data["args"].items() if k in known}
-    merged.update({k: getattr(cli, k) for k in given | RUN_CONTROL if k in known})
+    merged.update({k: getattr(cli, k) for k in given | FROM_COMMAND_LINE if k in known})
     return Args(**merged)
 
 
@@ -737,6 +749,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             checkpoint = load_checkpoint(source)
         except CheckpointError as e:
             return fail(str(e))
+        if cli.resume and os.path.basename(cli.resume) == "best.pt":
+            return fail("--resume continues a run from its checkpoint.pt; best.pt is for --eval-checkpoint")
         args = args_from_checkpoint(checkpoint, cli, explicit_flags(argv))
     if (error := check_args(args)) or (error := check_env(args.env_id)):
         return fail(error)
@@ -771,7 +785,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"stopped at step {global_step:,}; checkpoint saved. Resume with:\n"
               f"  python {SCRIPT}.py --resume {checkpoint_path}", file=sys.stderr)
         return 128 + stop.signum
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C now stops the evaluation
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     total = sum(timings.values()) or 1.0
     print("time split: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in timings.items()))
 
@@ -783,4 +798,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C outside training (evaluation): nothing left to save
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,17 +75,28 @@ def test_eval_checkpoint_reproduces_the_final_evaluation(script, tmp_path, capsy
     assert run_main(script, ["--eval-checkpoint", str(run_dir / "checkpoint.pt"), "--eval-episodes", "3"], tmp_path) == 0
     out = capsys.readouterr().out
     assert f"evaluation: {final['mean']:.1f} +/- {final['std']:.1f} over 3 episodes" in out
+    ckpt = script.load_checkpoint(str(run_dir / "checkpoint.pt"))
+    args = script.Args(**ckpt["args"])
+    again = script.evaluate(script.agent_from_checkpoint(ckpt), args.env_id, 3, script.eval_seed(args))
+    assert again.tolist() == final["returns"]  # episode by episode
     assert len(os.listdir(tmp_path / "runs")) == 1  # evaluating starts no new run
 
 
 def test_resume_continues_the_same_run(script, tmp_path):
-    run_dir = train_tiny(script, tmp_path)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = train_tiny(script, tmp_path, "--eval-every", "1", "--periodic-eval-episodes", "1")
     before = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert run_main(script, ["--resume", str(run_dir / "checkpoint.pt"), "--total-timesteps", "256"], tmp_path) == 0
     after = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert len(os.listdir(tmp_path / "runs")) == 1  # same run directory
     assert (after["global_step"], after["iteration"]) == (256, 4)
+    assert after["args"]["total_timesteps"] == 256  # given explicitly: overrides the checkpoint
     assert after["args"]["num_steps"] == 32  # the checkpoint's hyperparameters, not the defaults
+    assert after["args"]["eval_every"] == 1  # and its run-control flags
+    events = EventAccumulator(str(run_dir)).Reload()
+    assert [e.step for e in events.Scalars("losses/value_loss")] == [64, 128, 192, 256]
+    assert [e.step for e in events.Scalars("eval/mean_return")] == [64, 128, 192, 256]
     assert after["optimizer"]["state"][0]["step"] > before["optimizer"]["state"][0]["step"]
     assert not all(torch.equal(before["model"][k], after["model"][k]) for k in after["model"])
 
@@ -104,11 +116,13 @@ def test_checkpoint_write_is_atomic(script, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(script.torch, "save", broken_save)
+    monkeypatch.setattr(script.os, "replace", lambda *a: pytest.fail("renamed after a failed write"))
     agent = script.agent_from_checkpoint(script.load_checkpoint(str(run_dir / "checkpoint.pt")))
     with pytest.raises(OSError):
         script.save_checkpoint(str(run_dir / "checkpoint.pt"), agent=agent, optimizer=torch.optim.Adam(agent.parameters()),
                                args=script.Args(), global_step=0, iteration=0, best_eval=0.0)
     assert (run_dir / "checkpoint.pt").read_bytes() == good
+    assert sorted(os.listdir(run_dir)) == sorted(f for f in os.listdir(run_dir) if ".tmp" not in f)
 
 
 # ------------------------------------------------------------------ bad input: one line, exit 2
@@ -120,11 +134,12 @@ BAD_FLAGS = [
     (["--total-timesteps", "10"], "less than one batch"),
     (["--gamma", "1.5"], "--gamma must lie in [0, 1]"),
     (["--gae-lambda", "-0.1"], "--gae-lambda must lie in [0, 1]"),
+    (["--num-envs", "1", "--num-steps", "4", "--num-minibatches", "4"], "cannot normalize advantages"),
     (["--env-id", "NoSuchEnv-v0"], "cannot make env 'NoSuchEnv-v0'"),
 ]
 
 
-@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[f[0][0] for f in BAD_FLAGS])
+@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f[0][:2]) for f in BAD_FLAGS])
 def test_bad_flags_exit_2_with_one_line(script, tmp_path, capsys, flags, message):
     assert run_main(script, [*TINY, *flags], tmp_path) == 2
     err = capsys.readouterr().err
@@ -174,6 +189,28 @@ def test_bad_checkpoints_exit_2_with_one_line(script, tmp_path, capsys, flag):
     assert good.read_bytes() == before
 
 
+def test_resume_refuses_best_pt(script, tmp_path, capsys):
+    run_dir = train_tiny(script, tmp_path, "--eval-every", "1", "--periodic-eval-episodes", "1")
+    assert run_main(script, ["--resume", str(run_dir / "best.pt")], tmp_path) == 2
+    assert "best.pt is for --eval-checkpoint" in capsys.readouterr().err
+
+
+def test_explicit_flags(script):
+    given = script.explicit_flags(["--seed", "3", "--no-anneal-lr", "--gamma=0.9", "--eval-checkpoint", "x.pt"])
+    assert given == {"seed", "anneal_lr", "gamma", "eval_checkpoint"}
+
+
+@pytest.mark.parametrize("n_episodes", [7, 30])
+def test_evaluate_plays_exactly_the_episodes_asked_for(script, n_episodes):
+    env_id = FAST_ENV[script.__name__]
+    obs_dim, n_act = script.env_shapes(env_id)
+    torch.manual_seed(0)
+    agent = script.Agent(obs_dim, n_act)
+    returns = script.evaluate(agent, env_id, n_episodes, seed=5, max_envs=25)
+    assert len(returns) == n_episodes
+    np.testing.assert_array_equal(returns, script.evaluate(agent, env_id, n_episodes, seed=5, max_envs=25))
+
+
 def test_a_new_run_never_writes_into_an_existing_run_dir(script, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(script.time, "strftime", lambda fmt: "20260101-000000")
     run_dir = train_tiny(script, tmp_path)
@@ -217,7 +254,9 @@ def test_interrupt_saves_a_checkpoint_and_prints_how_to_resume(script, tmp_path,
     assert proc.returncode == 128 + signum
     assert "Traceback" not in err and "--resume" in err
     run_dir = only_run_dir(tmp_path)
-    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["global_step"] > 0
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    # the partial rollout in flight was dropped: whole iterations of 2 envs x 32 steps only
+    assert ckpt["global_step"] > 0 and ckpt["global_step"] == ckpt["iteration"] * 64
 
 
 def test_import_is_side_effect_free(script, tmp_path):

@@ -81,6 +81,15 @@ def test_normalization_statistics_survive_a_checkpoint_and_are_frozen_in_evaluat
     assert all(torch.equal(before[k], v) for k, v in agent.state_dict().items())
 
 
+def test_discounted_returns_restart_after_each_episode():
+    rewards = np.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]])
+    dones = np.array([[0, 0], [1, 0], [0, 0]])
+    returns, running = C.discounted_returns(rewards, dones, np.array([10.0, 0.0]), gamma=0.5)
+    # env 0 carries 10 in: 6, 4, then a new episode: 1; env 1: 2, 3, 3.5
+    np.testing.assert_allclose(returns, [[6.0, 2.0], [4.0, 3.0], [1.0, 3.5]])
+    np.testing.assert_allclose(running, [1.0, 3.5])
+
+
 def test_running_mean_std_matches_numpy_over_batches():
     rms = C.RunningMeanStd((2,))
     data = np.random.default_rng(0).normal(3.0, 2.0, size=(300, 2))
