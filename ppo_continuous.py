@@ -26,8 +26,6 @@ Huang et al. 2022, "The 37 Implementation Details of PPO" (ICLR blog track), cit
 for its 13 core details and [37-cn] for its 9 continuous-action details.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import random

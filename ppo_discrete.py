@@ -24,8 +24,6 @@ Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE" (arXiv:150
 Huang et al. 2022, "The 37 Implementation Details of PPO" (ICLR blog track), cited as [37-n].
 """
 
-from __future__ import annotations
-
 import json
 import os
 import random

@@ -260,7 +260,11 @@ def test_interrupt_saves_a_checkpoint_and_prints_how_to_resume(script, tmp_path,
 
 
 def test_import_is_side_effect_free(script, tmp_path):
-    code = f"import sys; sys.argv = ['x', '--bogus']; import {script.__name__}; print('ok')"
+    # Both ways people load a script: as a module, and by path without registering it.
+    path = os.path.join(ROOT, f"{script.__name__}.py")
+    code = (f"import sys, importlib.util; sys.argv = ['x', '--bogus']; import {script.__name__}; "
+            f"spec = importlib.util.spec_from_file_location('copy', {path!r}); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); print('ok')")
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": ROOT}, timeout=60)
