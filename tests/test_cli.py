@@ -271,3 +271,13 @@ def test_import_is_side_effect_free(script, tmp_path):
     assert result.stdout == "ok\n" and result.stderr == ""
     assert os.listdir(tmp_path) == []
     assert time.perf_counter() - start < 15
+
+
+def test_target_kl_stops_the_epochs_early(script, tmp_path):
+    # 2 iterations x 2 epochs x 2 minibatches = 8 gradient steps; a tiny target KL stops each
+    # iteration after its first epoch: 4.
+    for target, steps in ((None, 8), (1e-12, 4)):
+        extra = [] if target is None else ["--target-kl", str(target)]
+        run_dir = train_tiny(script, tmp_path / str(target), *extra)
+        optimizer = torch.load(run_dir / "checkpoint.pt", weights_only=True)["optimizer"]
+        assert optimizer["state"][0]["step"].item() == steps
