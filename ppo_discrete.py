@@ -14,10 +14,20 @@ Words used below
     minibatch    batch_size // num_minibatches transitions: one gradient step
     global_step  environment steps taken so far, counted over all envs
 
-Reading guide: 1 Hyperparameters, 2 Environment, 3 Agent, 4 Advantages (GAE), 5 PPO loss,
-6 Training, 7 Evaluation, 8 Checkpoints and the command line.
+Reading guide. To learn PPO, read sections 1-7 in order; nothing in them refers to anything
+defined later.
+    1 Hyperparameters   Args: every flag, derived sizes as properties
+    2 Environment       make_env, make_vector_env (the autoreset mode matters), env_shapes
+    3 Agent             layer_init, Agent: a categorical actor and a critic
+    4 Advantages        compute_gae
+    5 PPO loss          ppo_loss
+    6 One iteration     collect_rollout -> make_batch -> update, the three phases in order
+    7 Training          evaluate, then train(): the driver that runs the phases, logs and saves
+    8 The harness       flag and env checks, signals, checkpoint files, resume, main(): what
+                        makes it a tool; a reader learning PPO can stop before it
 The twin, ppo_continuous.py, differs in the policy (a Gaussian), action clipping and
-observation/reward normalization; `compute_gae` and `ppo_loss` are the same text in both.
+observation and reward normalization. Every function both files define is the same text, apart
+from a short list that differs because the action space does (tests/test_twins.py).
 
 References: Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (arXiv:1707.06347);
 Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE" (arXiv:1506.02438);
@@ -25,13 +35,15 @@ Huang et al. 2022, "The 37 Implementation Details of PPO" (ICLR blog track), cit
 """
 
 import json
+import math
 import os
 import random
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -68,9 +80,10 @@ class Args:
     """Gymnasium id of an env with a Discrete action space and a flat Box observation"""
     total_timesteps: int = 2_000_000
     """environment steps to train for, over all envs"""
-    # CleanRL: 2.5e-4; 3e-4 is the zoo's value. Annealed to 0, which settles the landing late.
+    # CleanRL: 2.5e-4; 3e-4 is the zoo's value. The annealing lowers it every iteration, to
+    # learning_rate / num_iterations in the last one, which settles the landing late.
     learning_rate: float = 3e-4
-    """Adam learning rate at the start (annealed linearly to 0 with --anneal-lr)"""
+    """Adam learning rate at the start (annealed linearly towards 0 with --anneal-lr)"""
     # CleanRL: 4 x 128. More envs: a 16-row forward costs about what a 4-row one does. Longer
     # rollouts: a batch of 16384 steps spans many of Lunar Lander's episodes (up to 1000 steps).
     num_envs: int = 16
@@ -78,15 +91,15 @@ class Args:
     num_steps: int = 1024
     """steps per env in each rollout"""
     anneal_lr: bool = True
-    """anneal the learning rate linearly to 0 over training [37-4]"""
+    """anneal the learning rate linearly towards 0 over training [37-4]"""
     # CleanRL: 0.99 and 0.95. Landing pays its +100 hundreds of steps after the approach
     # began: a longer horizon (1 / (1 - gamma) = 1000 steps) sees it.
     gamma: float = 0.999
     """discount factor"""
     gae_lambda: float = 0.98
     """lambda of Generalized Advantage Estimation"""
-    # CleanRL: 4 (of 128). Minibatches of 64: one gradient step per 16 samples. Half as many
-    # (minibatches of 128) trained 25% faster but ended 30-45 points lower on seed 2.
+    # CleanRL: 4 (of 128). Minibatches of 64: one gradient step per 16 samples. Minibatches of
+    # 128 trained 25% faster but ended 32 and 50 points lower in two trials on seed 2.
     num_minibatches: int = 256
     """minibatches per epoch"""
     update_epochs: int = 4
@@ -140,41 +153,6 @@ class Args:
         return self.total_timesteps // self.batch_size
 
 
-# Flags that --resume and --eval-checkpoint always take from the command line, never from the
-# checkpoint: where to run and what to do. Every other flag comes from the checkpoint unless given.
-FROM_COMMAND_LINE = {"cuda", "resume", "eval_checkpoint"}
-
-
-def check_args(args: Args) -> Optional[str]:
-    """The first thing wrong with the flags, as one line saying what to do, or None."""
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-                 "hidden_size", "eval_episodes", "periodic_eval_episodes", "checkpoint_every"):
-        if getattr(args, name) <= 0:
-            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-    if args.eval_every < 0:
-        return f"--eval-every must be 0 (off) or positive, got {args.eval_every}"
-    for name in ("learning_rate", "clip_coef", "max_grad_norm"):
-        if not getattr(args, name) > 0:
-            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-    for name in ("gamma", "gae_lambda"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            return f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}"
-    if args.batch_size % args.num_minibatches:
-        return (f"the batch of {args.batch_size} (--num-envs x --num-steps) does not split into "
-                f"{args.num_minibatches} equal minibatches: change --num-minibatches")
-    if args.norm_adv and args.minibatch_size < 2:
-        return (f"minibatches of {args.minibatch_size} cannot normalize advantages: lower "
-                "--num-minibatches or pass --no-norm-adv")
-    if args.total_timesteps < args.batch_size:
-        return (f"--total-timesteps {args.total_timesteps} is less than one batch of "
-                f"{args.batch_size} (--num-envs x --num-steps): raise it or shrink the batch")
-    if args.resume and args.eval_checkpoint:
-        return "give --resume or --eval-checkpoint, not both"
-    if args.cuda and not torch.cuda.is_available():
-        return "--cuda was given but torch sees no CUDA device: drop --cuda"
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # 2. Environment
 # ---------------------------------------------------------------------------------------------
@@ -196,35 +174,21 @@ def make_env(env_id: str, video_dir: Optional[str] = None, video_trigger=None):
 
 def make_vector_env(env_fns) -> gym.vector.SyncVectorEnv:
     # SyncVectorEnv: on 2 cores, AsyncVectorEnv's inter-process traffic costs more than it gains
-    # (3x slower here). SAME_STEP autoreset: when an episode ends, step() already returns the
-    # first observation of the next one and puts the true last observation in
+    # (benchmark/RESULTS.md). SAME_STEP autoreset: when an episode ends, step() already returns
+    # the first observation of the next one and puts the true last observation in
     # infos["final_obs"]. So every stored transition is real (the 1.x default, NEXT_STEP, would
     # insert a dummy step after each episode), and the final observation is at hand to
     # bootstrap a truncated episode from.
     return gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
-def check_env(env_id: str) -> Optional[str]:
-    """Whether env_id can be trained by this script: None, or a one-line error."""
-    try:
-        env = gym.make(env_id)
-    except gym.error.Error as e:  # unknown id, missing dependency (e.g. box2d), bad version
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"cannot make env {env_id!r} ({reason}): pick an id from gymnasium.envs.registry"
-    try:
-        if isinstance(env.action_space, gym.spaces.Box):
-            return f"{env_id} has a continuous (Box) action space: use ppo_continuous.py"
-        if not isinstance(env.action_space, gym.spaces.Discrete):
-            return f"{env_id} has a {type(env.action_space).__name__} action space: this script needs Discrete"
-        space = env.observation_space
-        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-            return f"{env_id} observations are not a flat Box (got {space}): this script needs a vector"
-    finally:
-        env.close()
-    return None
+def capped_cubic(episode_id: int) -> bool:
+    """Which training episodes to film: 0, 1, 8, 27, ..., 729, then every 1000th (CleanRL's)."""
+    return round(episode_id ** (1 / 3)) ** 3 == episode_id if episode_id < 1000 else episode_id % 1000 == 0
 
 
 def env_shapes(env_id: str) -> tuple[int, int]:
+    """(observation size, number of actions)."""
     env = gym.make(env_id)
     obs_dim, n_actions = env.observation_space.shape[0], int(env.action_space.n)
     env.close()
@@ -268,11 +232,12 @@ class Agent(nn.Module):
         """One action per row, sampled from softmax(logits)."""
         logits = self.actor(obs)
         # Gumbel-max trick: argmax(logits + Gumbel noise) is a sample of the categorical
-        # distribution; it skips building a torch Categorical (about 150 us a step, here).
+        # distribution, without the cost of building a torch Categorical at every step.
         gumbel = -torch.empty_like(logits).exponential_().log()
         return (logits + gumbel).argmax(-1)
 
-    def greedy_action(self, obs: torch.Tensor) -> torch.Tensor:
+    def deterministic_action(self, obs: torch.Tensor) -> torch.Tensor:
+        """The most probable action (argmax of the logits): the policy evaluation plays."""
         return self.actor(obs).argmax(-1)
 
     def logprob_entropy_value(self, obs: torch.Tensor, action: torch.Tensor):
@@ -286,24 +251,25 @@ class Agent(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # 4. Advantages
 # ---------------------------------------------------------------------------------------------
-def compute_gae(rewards, values, next_values, terminations, dones, gamma, gae_lambda):
+def compute_gae(*, rewards, values, next_values, terminations, dones, gamma, gae_lambda):
     """Generalized Advantage Estimation (GAE paper, eq. 16): TD errors, then a discounted sum.
 
-    Every input is a float tensor of shape (T, N): T steps of N envs.
+    Every tensor is float, of shape (T, N): T steps of N envs.
       rewards[t]       reward received after the action at step t
       values[t]        V(s_t)
       next_values[t]   V(s_t+1) of the true next state: when the episode ended at t, the value of
                        its final observation, never of the next episode's first one
       terminations[t]  1 if s_t+1 is terminal, so nothing follows it: no bootstrap
       dones[t]         1 if the episode ended at t, terminated or truncated: the sum stops there
-    Returns (advantages, returns), each (T, N); returns = advantages + values, the value targets.
-    A time-limit truncation has dones = 1 but terminations = 0: its TD error still bootstraps
-    from V(final observation) instead of pretending that the episode ended.
+    Returns (advantages, value_targets), each (T, N); value_targets = advantages + values, what
+    the critic learns to predict. A time-limit truncation has dones = 1 but terminations = 0:
+    its TD error still bootstraps from V(final observation) instead of pretending that the
+    episode ended.
     """
     # delta_t = r_t + gamma * V(s_t+1) * (1 - terminal) - V(s_t)
     deltas = rewards + gamma * (1.0 - terminations) * next_values - values
     # A_t = delta_t + gamma * lambda * A_t+1, cut where the episode ended. The backward loop runs
-    # in numpy: a numpy op on a row costs ~1 us, a torch op ~5 us, and there are T of them.
+    # over numpy rows: T small steps, each far cheaper in numpy than as a torch op.
     deltas_np = deltas.cpu().numpy()
     decay = (gamma * gae_lambda * (1.0 - dones)).cpu().numpy()
     advantages = np.zeros_like(deltas_np)
@@ -318,12 +284,12 @@ def compute_gae(rewards, values, next_values, terminations, dones, gamma, gae_la
 # ---------------------------------------------------------------------------------------------
 # 5. PPO loss
 # ---------------------------------------------------------------------------------------------
-def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, entropy, *,
+def ppo_loss(*, newlogprob, oldlogprob, advantages, newvalue, oldvalue, value_targets, entropy,
              clip_coef, vf_coef, ent_coef, clip_vloss):
     """The PPO objective on one minibatch, as a loss to minimise.
 
-    Every input is a 1-D tensor over the minibatch; `advantages` arrive already normalized when
-    that is on. Returns (loss, parts): parts holds pg_loss, v_loss, entropy_loss, approx_kl,
+    Every tensor is 1-D over the minibatch; `advantages` arrive already normalized when that is
+    on. Returns (loss, parts): parts holds pg_loss, v_loss, entropy_loss, approx_kl,
     old_approx_kl and clipfrac as detached 0-d tensors.
     """
     logratio = newlogprob - oldlogprob
@@ -335,9 +301,9 @@ def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, en
     if clip_vloss:
         # The new value may move at most clip_coef from the old one without paying for it [37-9].
         v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
-        v_loss = 0.5 * torch.max((newvalue - returns) ** 2, (v_clipped - returns) ** 2).mean()
+        v_loss = 0.5 * torch.max((newvalue - value_targets) ** 2, (v_clipped - value_targets) ** 2).mean()
     else:
-        v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
+        v_loss = 0.5 * ((newvalue - value_targets) ** 2).mean()
     entropy_loss = entropy.mean()
     # PPO paper, eq. 9, with the entropy bonus and the value loss weighted
     loss = pg_loss - ent_coef * entropy_loss + vf_coef * v_loss
@@ -356,21 +322,177 @@ def ppo_loss(newlogprob, oldlogprob, advantages, newvalue, oldvalue, returns, en
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Training
+# 6. One iteration: collect a rollout, turn it into a batch, update the agent on it
 # ---------------------------------------------------------------------------------------------
-class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to stop at the next safe point and save a checkpoint."""
+class Rollout(NamedTuple):
+    """Storage for one rollout: numpy arrays of shape (T, N, ...), refilled in place each iteration.
 
-    def __init__(self):
-        self.signum = 0
+    Numpy rather than torch: writing one row per step costs less than a torch index-put.
+    """
+    obs: np.ndarray           # s_t, what the agent acted on
+    actions: np.ndarray       # a_t
+    rewards: np.ndarray       # r_t, received after a_t
+    next_obs: np.ndarray      # the true s_t+1: an ended episode's final observation, not the reset one
+    terminations: np.ndarray  # 1 if s_t+1 is terminal
+    dones: np.ndarray         # 1 if the episode ended at t (terminated or truncated)
 
-    def __call__(self, signum, frame):
-        if self.signum:  # a second Ctrl-C: leave at once; the last checkpoint is intact
-            print("\nsecond interrupt: exiting without a new checkpoint", file=sys.stderr)
-            os._exit(128 + signum)
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint, then stopping "
-              "(press Ctrl-C again to quit at once)", file=sys.stderr)
+
+def new_rollout(num_steps: int, num_envs: int, obs_dim: int, action_shape: tuple, action_dtype) -> Rollout:
+    T, N = num_steps, num_envs
+    return Rollout(obs=np.zeros((T, N, obs_dim), dtype=np.float32),
+                   actions=np.zeros((T, N, *action_shape), dtype=action_dtype),
+                   rewards=np.zeros((T, N), dtype=np.float32),
+                   next_obs=np.zeros((T, N, obs_dim), dtype=np.float32),
+                   terminations=np.zeros((T, N), dtype=np.float32),
+                   dones=np.zeros((T, N), dtype=np.float32))
+
+
+class Episode(NamedTuple):
+    global_step: int  # when it ended
+    episode_return: float  # undiscounted sum of its rewards
+    length: int
+
+
+def collect_rollout(*, envs, agent: nn.Module, obs: np.ndarray, rollout: Rollout, global_step: int,
+                    stop_requested=lambda: False) -> tuple[np.ndarray, list[Episode]]:
+    """Phase 1: act with the current policy for T steps in each of the N envs, filling `rollout`.
+
+    obs: (N, obs_dim), the observations to act on first (where the last rollout left off).
+    Returns (the observations to act on next, the episodes that ended). It stops early when
+    stop_requested() turns true; the caller then drops the incomplete rollout.
+    """
+    device = next(agent.parameters()).device
+    num_steps, num_envs = rollout.rewards.shape
+    episodes = []
+    with torch.inference_mode():  # no autograd bookkeeping while acting
+        for step in range(num_steps):
+            obs = np.asarray(obs, dtype=np.float32)
+            rollout.obs[step] = obs
+            action = agent.sample_action(torch.from_numpy(obs).to(device)).cpu().numpy()
+            obs, reward, terminated, truncated, infos = envs.step(action)
+            rollout.actions[step] = action
+            rollout.rewards[step] = reward
+            rollout.terminations[step] = terminated
+            rollout.dones[step] = done = terminated | truncated
+            rollout.next_obs[step] = obs
+            if done.any():
+                # SAME_STEP autoreset: `obs` already starts the next episode; the true s_t+1 of
+                # an ended episode is in final_obs (needed to bootstrap a truncation).
+                ended = np.flatnonzero(infos["_final_obs"])
+                rollout.next_obs[step, ended] = np.stack(infos["final_obs"][ended])
+                stats = infos["final_info"]["episode"]
+                for i in np.flatnonzero(infos["final_info"]["_episode"]):
+                    episodes.append(Episode(global_step + (step + 1) * num_envs, float(stats["r"][i]),
+                                            int(stats["l"][i])))
+            if stop_requested():
+                break
+    return obs, episodes
+
+
+class Batch(NamedTuple):
+    """A rollout flattened to T*N transitions, with what the loss needs; each field (T*N, ...)."""
+    obs: torch.Tensor
+    actions: torch.Tensor
+    logprobs: torch.Tensor       # log pi_old(a_t|s_t), under the policy that acted
+    advantages: torch.Tensor     # GAE
+    value_targets: torch.Tensor  # advantages + values: what the critic learns to predict
+    values: torch.Tensor         # V_old(s_t), for value clipping and the explained variance
+
+
+def make_batch(*, agent: nn.Module, rollout: Rollout, rewards: np.ndarray, gamma: float,
+               gae_lambda: float) -> Batch:
+    """Phase 2: old log-probs and values, GAE, and flattening.
+
+    `rewards` (T, N) are the rewards to learn from: rollout.rewards, or a scaled copy. The policy
+    did not change during the rollout, so the old log-probs and values of all T*N steps come from
+    one batched pass here instead of T small ones while acting.
+    """
+    device = next(agent.parameters()).device
+    T, N = rollout.rewards.shape
+    obs = torch.from_numpy(rollout.obs).to(device).flatten(0, 1)
+    actions = torch.from_numpy(rollout.actions).to(device).flatten(0, 1)
+    with torch.no_grad():
+        logprobs, _, values = agent.logprob_entropy_value(obs, actions)
+        next_values = agent.value(torch.from_numpy(rollout.next_obs).to(device))
+        advantages, value_targets = compute_gae(
+            rewards=torch.from_numpy(rewards).to(device), values=values.reshape(T, N),
+            next_values=next_values, terminations=torch.from_numpy(rollout.terminations).to(device),
+            dones=torch.from_numpy(rollout.dones).to(device), gamma=gamma, gae_lambda=gae_lambda)
+    return Batch(obs=obs, actions=actions, logprobs=logprobs, advantages=advantages.flatten(),
+                 value_targets=value_targets.flatten(), values=values)
+
+
+def update(*, agent: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, args: Args) -> dict[str, float]:
+    """Phase 3: update_epochs passes over the batch in shuffled minibatches, a gradient step each.
+
+    Returns ppo_loss's parts, each averaged over the minibatches of this iteration.
+    """
+    params = list(agent.parameters())
+    parts_per_step = []
+    for epoch in range(args.update_epochs):
+        # One gather per epoch; the minibatches below are then cheap contiguous slices.
+        perm = torch.randperm(args.batch_size, device=batch.obs.device)
+        shuffled = Batch(*(x[perm] for x in batch))
+        for start in range(0, args.batch_size, args.minibatch_size):
+            mb = Batch(*(x[start:start + args.minibatch_size] for x in shuffled))
+            newlogprob, entropy, newvalue = agent.logprob_entropy_value(mb.obs, mb.actions)
+            advantages = mb.advantages
+            if args.norm_adv:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            loss, parts = ppo_loss(newlogprob=newlogprob, oldlogprob=mb.logprobs, advantages=advantages,
+                                   newvalue=newvalue, oldvalue=mb.values, value_targets=mb.value_targets,
+                                   entropy=entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef,
+                                   ent_coef=args.ent_coef, clip_vloss=args.clip_vloss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
+            optimizer.step()
+            parts_per_step.append(torch.stack(list(parts.values())))
+        # Early stopping on the KL of the last minibatch [37-12]; .item() waits for the device.
+        if args.target_kl is not None and parts["approx_kl"].item() > args.target_kl:
+            break
+    return dict(zip(parts, torch.stack(parts_per_step).mean(0).tolist()))
+
+
+def explained_variance(*, values: torch.Tensor, value_targets: torch.Tensor) -> float:
+    """1 - Var(targets - values) / Var(targets): 1 is a perfect critic, 0 no better than a
+    constant; NaN when the targets do not vary."""
+    var_targets = value_targets.var()
+    if not var_targets > 0:
+        return float("nan")
+    return (1.0 - (value_targets - values).var() / var_targets).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Training and evaluation
+# ---------------------------------------------------------------------------------------------
+def eval_seed(args: Args) -> int:
+    return args.seed + 1_000_000  # far from the training envs' seeds (seed + i)
+
+
+@torch.no_grad()
+def evaluate(agent: nn.Module, env_id: str, n_episodes: int, seed: int, device="cpu",
+             video_dir: Optional[str] = None, max_envs: int = 25) -> np.ndarray:
+    """Returns of n_episodes episodes of the deterministic policy, run vectorized.
+
+    Env i of min(n_episodes, max_envs) envs is seeded with seed + i and plays a fixed share of
+    the episodes; counting the first n_episodes to finish instead would favour short ones.
+    """
+    n_envs = min(n_episodes, max_envs)
+    quota = np.array([n_episodes // n_envs + (i < n_episodes % n_envs) for i in range(n_envs)])
+    envs = make_vector_env([make_env(env_id, video_dir if i == 0 else None,
+                                     lambda ep: ep < quota[0]) for i in range(n_envs)])
+    eval_returns: list[list[float]] = [[] for _ in range(n_envs)]
+    obs, _ = envs.reset(seed=seed)
+    while any(len(r) < q for r, q in zip(eval_returns, quota)):
+        action = agent.deterministic_action(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        obs, _, _, _, infos = envs.step(action.cpu().numpy())
+        if "final_info" in infos:
+            for i in np.flatnonzero(infos["final_info"]["_episode"]):
+                if len(eval_returns[i]) < quota[i]:
+                    eval_returns[i].append(float(infos["final_info"]["episode"]["r"][i]))
+    envs.close()
+    return np.array([r for per_env in eval_returns for r in per_env])
 
 
 def seed_everything(seed: int, torch_deterministic: bool) -> None:
@@ -380,182 +502,108 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = torch_deterministic
 
 
-def format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+def make_agent_and_optimizer(args: Args) -> tuple[Agent, torch.optim.Optimizer]:
+    seed_everything(args.seed, args.torch_deterministic)  # before the weights are drawn
+    agent = Agent(*env_shapes(args.env_id), args.hidden_size)
+    agent.to(torch.device("cuda" if args.cuda else "cpu"))
+    # fused: one kernel updates every parameter, much cheaper than the per-parameter loop
+    # (benchmark/RESULTS.md). eps=1e-5 as in the PPO baselines [37-3].
+    return agent, torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
 
 
-def train(args: Args, run_dir: str, checkpoint: Optional[dict] = None, stop: Optional[StopRequest] = None):
-    """Train PPO; returns (agent, global_step, timings). `checkpoint` resumes a saved run.
+class Progress(NamedTuple):
+    global_step: int = 0
+    iteration: int = 0
+    best_eval: float = -math.inf  # best mean of the periodic evaluations so far
 
-    `timings` splits the wall time into env stepping, action selection, storage, the update
-    phase (GAE included) and the rest (logging, evaluation, checkpoints), in seconds;
-    benchmark/throughput.py reads it.
+
+class TrainHooks:
+    """What train() leaves to its caller. These defaults print nothing, save nothing and never
+    stop early; the harness (section 8) overrides them with progress lines, checkpoint files and
+    Ctrl-C handling."""
+
+    def stop_requested(self) -> bool:
+        return False
+
+    def report(self, progress: Progress, sps: float, recent_returns: list[float]) -> None:
+        pass
+
+    def save(self, name: str, progress: Progress) -> None:
+        pass
+
+
+LOSS_TAGS = {"pg_loss": "losses/policy_loss", "v_loss": "losses/value_loss", "entropy_loss": "losses/entropy",
+             "approx_kl": "losses/approx_kl", "old_approx_kl": "losses/old_approx_kl", "clipfrac": "losses/clipfrac"}
+
+
+def log_iteration(writer, *, global_step: int, episodes: list[Episode], sps: float, losses: dict[str, float],
+                  batch: Batch, learning_rate: float) -> None:
+    """TensorBoard scalars under CleanRL's tags. The x axis counts env steps, so runs of other
+    batch sizes compare on one axis."""
+    for episode in episodes:
+        writer.add_scalar("charts/episodic_return", episode.episode_return, episode.global_step)
+        writer.add_scalar("charts/episodic_length", episode.length, episode.global_step)
+    writer.add_scalar("charts/learning_rate", learning_rate, global_step)
+    writer.add_scalar("charts/SPS", sps, global_step)
+    for name, value in losses.items():
+        writer.add_scalar(LOSS_TAGS[name], value, global_step)
+    writer.add_scalar("losses/explained_variance",
+                      explained_variance(values=batch.values, value_targets=batch.value_targets), global_step)
+
+
+def train(args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimizer,
+          start: Progress = Progress(), hooks: TrainHooks = TrainHooks()) -> tuple[Progress, dict]:
+    """Train PPO from `start` (a fresh run, or a resumed one) to args.num_iterations.
+
+    Logs to TensorBoard in run_dir. Returns (the progress reached, timings): timings holds the
+    seconds spent in each phase (rollout, batch, update) and in the rest (logging, evaluation,
+    checkpoints); benchmark/throughput.py reads it.
     """
     from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow to import
 
-    stop = stop or StopRequest()
-    device = torch.device("cuda" if args.cuda else "cpu")
-    seed_everything(args.seed, args.torch_deterministic)  # before the weights are drawn
-    obs_dim, n_actions = env_shapes(args.env_id)
-    agent = Agent(obs_dim, n_actions, args.hidden_size).to(device)
-    # fused: one kernel updates every parameter (56 us a step here, against 230 us for the
-    # default per-parameter loop). eps=1e-5 as in the PPO baselines [37-3].
-    params = list(agent.parameters())
-    optimizer = torch.optim.Adam(params, lr=args.learning_rate, eps=1e-5, fused=True)
-    global_step, start_iteration = 0, 0
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        global_step, start_iteration = checkpoint["global_step"], checkpoint["iteration"]
-        set_rng_state(checkpoint["rng"])
+    device = next(agent.parameters()).device
+    global_step, iteration, best_eval = start
     # On resume, drop what an interrupted run logged after its checkpoint (steps > global_step).
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if global_step else None)
-    if checkpoint is None:
+    if global_step == 0:
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in asdict(args).items()))
-
     # A resumed run records into its own folder: the episode numbers start again from 0.
     video_name = "train" if global_step == 0 else f"train_from_step_{global_step}"
     video_dir = os.path.join(run_dir, "videos", video_name) if args.capture_video else None
     envs = make_vector_env(
         [make_env(args.env_id, video_dir if i == 0 else None, capped_cubic) for i in range(args.num_envs)])
     # Env i starts from seed + i; a resumed run starts new episodes from fresh seeds.
-    obs, _ = envs.reset(seed=args.seed + start_iteration * args.num_envs)
+    obs, _ = envs.reset(seed=args.seed + iteration * args.num_envs)
+    rollout = new_rollout(args.num_steps, args.num_envs, envs.single_observation_space.shape[0], (), np.int64)
+    recent_returns = deque(maxlen=20)
+    timings = dict(rollout=0.0, batch=0.0, update=0.0, other=0.0)
+    start_time = time.perf_counter()
 
-    # Rollout storage, preallocated as numpy: writing a row costs less than a torch index-put.
-    T, N = args.num_steps, args.num_envs
-    obs_buf = np.zeros((T, N, obs_dim), dtype=np.float32)
-    next_obs_buf = np.zeros((T, N, obs_dim), dtype=np.float32)  # true s_t+1, final obs included
-    actions_buf = np.zeros((T, N), dtype=np.int64)
-    rewards_buf = np.zeros((T, N), dtype=np.float32)
-    terminations_buf = np.zeros((T, N), dtype=np.float32)
-    dones_buf = np.zeros((T, N), dtype=np.float32)
-
-    timings = dict(env=0.0, action=0.0, storage=0.0, update=0.0, other=0.0)
-    recent_returns: list[float] = []
-    best_eval = checkpoint.get("best_eval", -np.inf) if checkpoint else -np.inf
-    start_time = last_print = time.perf_counter()
-    start_step = global_step
-    iteration = start_iteration
-    def save(name: str) -> None:  # the loop's current step, iteration and best evaluation
-        save_checkpoint(os.path.join(run_dir, name), agent=agent, optimizer=optimizer, args=args,
-                        global_step=global_step, iteration=iteration, best_eval=best_eval)
-
-    print(f"{SCRIPT}: {args.env_id}, {args.num_iterations} iterations of {args.batch_size} steps "
-          f"({N} envs x {T} steps), minibatch {args.minibatch_size}, run dir {run_dir}")
-
-    while iteration < args.num_iterations and not stop.signum:
-        # Linear learning-rate annealing [37-4]: from learning_rate at the first iteration down to
-        # learning_rate / num_iterations at the last one.
+    while iteration < args.num_iterations:
+        # Linear learning-rate annealing [37-4]: learning_rate in the first iteration, down to
+        # learning_rate / num_iterations in the last one.
         frac = 1.0 - iteration / args.num_iterations if args.anneal_lr else 1.0
         optimizer.param_groups[0]["lr"] = args.learning_rate * frac
+        t0 = time.perf_counter()
+        obs, episodes = collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout,
+                                        global_step=global_step, stop_requested=hooks.stop_requested)
+        if hooks.stop_requested():
+            break  # drop the incomplete rollout: weights and step count stay the last iteration's
+        t1 = time.perf_counter()
+        batch = make_batch(agent=agent, rollout=rollout, rewards=rollout.rewards, gamma=args.gamma,
+                           gae_lambda=args.gae_lambda)
+        t2 = time.perf_counter()
+        losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args)
+        t3 = time.perf_counter()
+        global_step, iteration = global_step + args.batch_size, iteration + 1
 
-        # --- Rollout: num_steps steps of every env with the current policy ---
-        with torch.inference_mode():  # no autograd bookkeeping while acting
-            for step in range(T):
-                t0 = time.perf_counter()
-                obs = np.asarray(obs, dtype=np.float32)
-                obs_buf[step] = obs
-                action = agent.sample_action(torch.from_numpy(obs).to(device)).cpu().numpy()
-                t1 = time.perf_counter()
-                obs, reward, terminated, truncated, infos = envs.step(action)
-                t2 = time.perf_counter()
-                actions_buf[step] = action
-                rewards_buf[step] = reward
-                terminations_buf[step] = terminated
-                done = terminated | truncated
-                dones_buf[step] = done
-                next_obs_buf[step] = obs
-                global_step += N
-                if done.any():
-                    # SAME_STEP autoreset: `obs` already starts the next episode; the true s_t+1
-                    # of an ended episode is in final_obs (needed to bootstrap a truncation).
-                    ended = np.flatnonzero(infos["_final_obs"])
-                    next_obs_buf[step, ended] = np.stack(infos["final_obs"][ended])
-                    episode = infos["final_info"]["episode"]
-                    for i in np.flatnonzero(infos["final_info"]["_episode"]):
-                        recent_returns.append(float(episode["r"][i]))
-                        writer.add_scalar("charts/episodic_return", episode["r"][i], global_step)
-                        writer.add_scalar("charts/episodic_length", episode["l"][i], global_step)
-                timings["action"] += t1 - t0
-                timings["env"] += t2 - t1
-                timings["storage"] += time.perf_counter() - t2
-                if stop.signum:
-                    break
-        if stop.signum:  # drop the incomplete rollout: the weights are the last iteration's
-            global_step -= (step + 1) * N
-            break
-        t_update = time.perf_counter()
+        sps = (global_step - start.global_step) / (t3 - start_time)
+        log_iteration(writer, global_step=global_step, episodes=episodes, sps=sps, losses=losses, batch=batch,
+                      learning_rate=optimizer.param_groups[0]["lr"])
+        recent_returns.extend(episode.episode_return for episode in episodes)
+        hooks.report(Progress(global_step, iteration, best_eval), sps, list(recent_returns))
 
-        # --- Advantages. The policy did not change during the rollout, so the old log-probs
-        # and values of all T*N steps come from one batched pass instead of T small ones. ---
-        b_obs = torch.from_numpy(obs_buf).to(device).reshape(-1, obs_dim)
-        b_actions = torch.from_numpy(actions_buf).to(device).reshape(-1)
-        with torch.no_grad():
-            b_logprobs, _, b_values = agent.logprob_entropy_value(b_obs, b_actions)
-            next_values = agent.value(torch.from_numpy(next_obs_buf).to(device))
-            advantages, returns = compute_gae(
-                torch.from_numpy(rewards_buf).to(device), b_values.reshape(T, N), next_values,
-                torch.from_numpy(terminations_buf).to(device), torch.from_numpy(dones_buf).to(device),
-                args.gamma, args.gae_lambda)
-        b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
-
-        # --- Optimise: update_epochs passes over the batch in shuffled minibatches ---
-        batch = (b_obs, b_actions, b_logprobs, b_advantages, b_returns, b_values)
-        sums = torch.zeros(6, device=device)  # parts summed over minibatches, read once: one sync
-        n_minibatches = 0
-        for epoch in range(args.update_epochs):
-            # One gather per epoch; the minibatches below are then cheap contiguous slices.
-            perm = torch.randperm(args.batch_size, device=device)
-            shuffled = [x[perm] for x in batch]
-            for start in range(0, args.batch_size, args.minibatch_size):
-                mb_obs, mb_actions, mb_logprobs, mb_adv, mb_returns, mb_values = (
-                    x[start:start + args.minibatch_size] for x in shuffled)
-                newlogprob, entropy, newvalue = agent.logprob_entropy_value(mb_obs, mb_actions)
-                if args.norm_adv:
-                    mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                loss, parts = ppo_loss(newlogprob, mb_logprobs, mb_adv, newvalue, mb_values, mb_returns,
-                                       entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef,
-                                       ent_coef=args.ent_coef, clip_vloss=args.clip_vloss)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
-                optimizer.step()
-                sums += torch.stack(list(parts.values()))
-                n_minibatches += 1
-            if args.target_kl is not None and parts["approx_kl"].item() > args.target_kl:
-                break  # early stopping on the KL of the last minibatch [37-12]
-        iteration += 1
-        t_other = time.perf_counter()
-        timings["update"] += t_other - t_update
-
-        # --- Log ---
-        means = dict(zip(parts.keys(), (sums / n_minibatches).tolist()))
-        var_returns = b_returns.var()
-        explained_var = (1.0 - (b_returns - b_values).var() / var_returns).item() if var_returns > 0 else float("nan")
-        sps = (global_step - start_step) / (time.perf_counter() - start_time)
-        for tag, value in [("charts/learning_rate", optimizer.param_groups[0]["lr"]),
-                           ("charts/SPS", sps),
-                           ("losses/value_loss", means["v_loss"]),
-                           ("losses/policy_loss", means["pg_loss"]),
-                           ("losses/entropy", means["entropy_loss"]),
-                           ("losses/approx_kl", means["approx_kl"]),
-                           ("losses/old_approx_kl", means["old_approx_kl"]),
-                           ("losses/clipfrac", means["clipfrac"]),
-                           ("losses/explained_variance", explained_var)]:
-            writer.add_scalar(tag, value, global_step)
-        now = time.perf_counter()
-        if now - last_print >= args.print_every or iteration in (start_iteration + 1, args.num_iterations):
-            last_print = now
-            eta = (args.num_iterations * args.batch_size - global_step) / max(sps, 1e-9)
-            mean_return = f"{np.mean(recent_returns[-20:]):8.1f}" if recent_returns else "     n/a"
-            print(f"step {global_step:>10,}/{args.num_iterations * args.batch_size:,} "
-                  f"({100 * global_step / (args.num_iterations * args.batch_size):3.0f}%) | "
-                  f"{sps:6,.0f} steps/s | return {mean_return} (last 20 episodes) | "
-                  f"ETA {format_seconds(eta)}", flush=True)
-
-        # --- Periodic evaluation and checkpoints ---
         if args.eval_every and iteration % args.eval_every == 0:
             eval_returns = evaluate(agent, args.env_id, args.periodic_eval_episodes, eval_seed(args), device)
             writer.add_scalar("eval/mean_return", eval_returns.mean(), global_step)
@@ -563,58 +611,85 @@ def train(args: Args, run_dir: str, checkpoint: Optional[dict] = None, stop: Opt
                   f"over {len(eval_returns)} episodes", flush=True)
             if eval_returns.mean() > best_eval:
                 best_eval = float(eval_returns.mean())
-                save("best.pt")
+                hooks.save("best.pt", Progress(global_step, iteration, best_eval))
         if iteration % args.checkpoint_every == 0 or iteration == args.num_iterations:
-            save("checkpoint.pt")
-        timings["other"] += time.perf_counter() - t_other
+            hooks.save("checkpoint.pt", Progress(global_step, iteration, best_eval))
+        for phase, seconds in zip(("rollout", "batch", "update", "other"),
+                                  (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
+            timings[phase] += seconds
 
-    if stop.signum:
-        save("checkpoint.pt")
+    progress = Progress(global_step, iteration, best_eval)
+    if hooks.stop_requested():
+        hooks.save("checkpoint.pt", progress)
     envs.close()
     writer.close()
-    return agent, global_step, timings
-
-
-def capped_cubic(episode_id: int) -> bool:
-    """Record episodes 0, 1, 8, 27, ..., 729, then every 1000th (CleanRL's schedule)."""
-    return round(episode_id ** (1 / 3)) ** 3 == episode_id if episode_id < 1000 else episode_id % 1000 == 0
+    return progress, timings
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. Evaluation
+# 8. The harness: checks, signals, checkpoint files, resume, the command line.
+#    Nothing below changes what is learned; a reader learning PPO can stop here.
 # ---------------------------------------------------------------------------------------------
-def eval_seed(args: Args) -> int:
-    return args.seed + 1_000_000  # far from the training envs' seeds (seed + i)
+# Flags that --resume and --eval-checkpoint always take from the command line, never from the
+# checkpoint: where to run and what to do. Every other flag comes from the checkpoint unless given.
+FROM_COMMAND_LINE = {"cuda", "resume", "eval_checkpoint"}
 
 
-@torch.no_grad()
-def evaluate(agent: Agent, env_id: str, n_episodes: int, seed: int, device="cpu",
-             video_dir: Optional[str] = None, max_envs: int = 25) -> np.ndarray:
-    """Returns of n_episodes episodes of the greedy (argmax) policy, run vectorized.
+def check_args(args: Args) -> Optional[str]:
+    """The first thing wrong with the flags, as one line saying what to do, or None."""
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
+                 "hidden_size", "eval_episodes", "periodic_eval_episodes", "checkpoint_every"):
+        if getattr(args, name) <= 0:
+            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+    if args.eval_every < 0:
+        return f"--eval-every must be 0 (off) or positive, got {args.eval_every}"
+    for name in ("learning_rate", "clip_coef", "max_grad_norm"):
+        if not getattr(args, name) > 0:
+            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+    for name in ("gamma", "gae_lambda"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            return f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}"
+    if args.batch_size % args.num_minibatches:
+        return (f"the batch of {args.batch_size} (--num-envs x --num-steps) does not split into "
+                f"{args.num_minibatches} equal minibatches: change --num-minibatches")
+    if args.norm_adv and args.minibatch_size < 2:
+        return (f"minibatches of {args.minibatch_size} cannot normalize advantages: lower "
+                "--num-minibatches or pass --no-norm-adv")
+    if args.total_timesteps < args.batch_size:
+        return (f"--total-timesteps {args.total_timesteps} is less than one batch of "
+                f"{args.batch_size} (--num-envs x --num-steps): raise it or shrink the batch")
+    if args.resume and args.eval_checkpoint:
+        return "give --resume or --eval-checkpoint, not both"
+    if args.cuda and not torch.cuda.is_available():
+        return "--cuda was given but torch sees no CUDA device: drop --cuda"
+    return None
 
-    Env i of min(n_episodes, max_envs) envs is seeded with seed + i and plays a fixed share of
-    the episodes; counting the first n_episodes to finish instead would favour short ones.
-    """
-    n_envs = min(n_episodes, max_envs)
-    quota = np.array([n_episodes // n_envs + (i < n_episodes % n_envs) for i in range(n_envs)])
-    envs = make_vector_env([make_env(env_id, video_dir if i == 0 else None,
-                                     lambda ep: ep < quota[0]) for i in range(n_envs)])
-    returns: list[list[float]] = [[] for _ in range(n_envs)]
-    obs, _ = envs.reset(seed=seed)
-    while any(len(r) < q for r, q in zip(returns, quota)):
-        action = agent.greedy_action(torch.as_tensor(obs, dtype=torch.float32, device=device))
-        obs, _, _, _, infos = envs.step(action.cpu().numpy())
-        if "final_info" in infos:
-            for i in np.flatnonzero(infos["final_info"]["_episode"]):
-                if len(returns[i]) < quota[i]:
-                    returns[i].append(float(infos["final_info"]["episode"]["r"][i]))
-    envs.close()
-    return np.array([r for per_env in returns for r in per_env])
+
+def check_env(env_id: str) -> Optional[str]:
+    """Whether env_id can be trained by this script: None, or a one-line error."""
+    try:
+        env = gym.make(env_id)
+    except gym.error.Error as e:  # unknown id, missing dependency (e.g. box2d), bad version
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"cannot make env {env_id!r} ({reason}): pick an id from gymnasium.envs.registry"
+    try:
+        if isinstance(env.action_space, gym.spaces.Box):
+            return f"{env_id} has a continuous (Box) action space: use ppo_continuous.py"
+        if not isinstance(env.action_space, gym.spaces.Discrete):
+            return f"{env_id} has a {type(env.action_space).__name__} action space: this script needs Discrete"
+        space = env.observation_space
+        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+            return f"{env_id} observations are not a flat Box (got {space}): this script needs a vector"
+    finally:
+        env.close()
+    return None
 
 
-# ---------------------------------------------------------------------------------------------
-# 8. Checkpoints and the command line
-# ---------------------------------------------------------------------------------------------
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def get_rng_state() -> dict:
     # Plain tensors, lists and numbers only, so that torch.load(weights_only=True) accepts it.
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -632,14 +707,13 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str, *, agent, optimizer, args: Args, global_step: int, iteration: int,
-                    best_eval: float) -> None:
+def save_checkpoint(path: str, *, agent, optimizer, args: Args, progress: Progress) -> None:
     """Write atomically: a temp file, flushed to disk, then renamed over the old checkpoint."""
     obs_dim, n_actions = agent.actor[0].in_features, agent.actor[-1].out_features
     data = {"script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(args),
             "obs_dim": obs_dim, "n_actions": n_actions, "model": agent.state_dict(),
-            "optimizer": optimizer.state_dict(), "global_step": global_step, "iteration": iteration,
-            "best_eval": float(best_eval), "rng": get_rng_state()}
+            "optimizer": optimizer.state_dict(), "global_step": progress.global_step,
+            "iteration": progress.iteration, "best_eval": float(progress.best_eval), "rng": get_rng_state()}
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -719,13 +793,53 @@ def new_run_dir(args: Args) -> str:
     return run_dir
 
 
-def report_evaluation(returns: np.ndarray, path: Optional[str], global_step: int) -> None:
-    print(f"evaluation: {returns.mean():.1f} +/- {returns.std():.1f} over {len(returns)} episodes "
-          f"of the deterministic policy", flush=True)
+class Harness(TrainHooks):
+    """train()'s hooks for a run from the command line: progress lines, checkpoint files, and a
+    stop at the next env step on Ctrl-C or SIGTERM (the signal handler is this object)."""
+
+    def __init__(self, args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimizer):
+        self.args, self.run_dir, self.agent, self.optimizer = args, run_dir, agent, optimizer
+        self.signum = 0
+        self.start_step, self.last_print = None, -math.inf
+
+    def __call__(self, signum, frame):
+        if self.signum:  # a second Ctrl-C: leave at once, without a new checkpoint
+            print("\nsecond interrupt: exiting without a new checkpoint", file=sys.stderr)
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint, then stopping "
+              "(press Ctrl-C again to quit at once)", file=sys.stderr)
+
+    def stop_requested(self) -> bool:
+        return self.signum != 0
+
+    def save(self, name: str, progress: Progress) -> None:
+        save_checkpoint(os.path.join(self.run_dir, name), agent=self.agent, optimizer=self.optimizer,
+                        args=self.args, progress=progress)
+
+    def report(self, progress: Progress, sps: float, recent_returns: list[float]) -> None:
+        first = self.start_step is None
+        self.start_step = progress.global_step if first else self.start_step
+        now = time.perf_counter()
+        last = progress.iteration == self.args.num_iterations
+        if not (first or last or now - self.last_print >= self.args.print_every):
+            return
+        self.last_print = now
+        total = self.args.num_iterations * self.args.batch_size
+        eta = (total - progress.global_step) / max(sps, 1e-9)
+        mean_return = f"{np.mean(recent_returns):8.1f}" if recent_returns else "     n/a"
+        print(f"step {progress.global_step:>10,}/{total:,} ({100 * progress.global_step / total:3.0f}%) | "
+              f"{sps:6,.0f} steps/s | return {mean_return} (last 20 episodes) | "
+              f"ETA {format_seconds(eta)}", flush=True)
+
+
+def report_evaluation(eval_returns: np.ndarray, path: Optional[str], global_step: int) -> None:
+    print(f"evaluation: {eval_returns.mean():.1f} +/- {eval_returns.std():.1f} over {len(eval_returns)} "
+          "episodes of the deterministic policy", flush=True)
     if path:
         with open(path, "w") as f:
-            json.dump({"global_step": global_step, "mean": float(returns.mean()),
-                       "std": float(returns.std()), "returns": returns.tolist()}, f)
+            json.dump({"global_step": global_step, "mean": float(eval_returns.mean()),
+                       "std": float(eval_returns.std()), "returns": eval_returns.tolist()}, f)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -761,36 +875,43 @@ def main(argv: Optional[list[str]] = None) -> int:
         run_dir = os.path.dirname(os.path.abspath(source))
         video_name = f"eval_checkpoint_step_{checkpoint['global_step']}"
         video_dir = os.path.join(run_dir, "videos", video_name) if args.capture_video else None
-        returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir)
-        report_evaluation(returns, None, checkpoint["global_step"])
+        eval_returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir)
+        report_evaluation(eval_returns, None, checkpoint["global_step"])
         return 0
 
+    agent, optimizer = make_agent_and_optimizer(args)
+    start = Progress()
     if checkpoint is not None:
         run_dir = os.path.dirname(os.path.abspath(source))
-        print(f"resuming {run_dir} at step {checkpoint['global_step']:,}")
+        agent.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        set_rng_state(checkpoint["rng"])
+        start = Progress(checkpoint["global_step"], checkpoint["iteration"], checkpoint.get("best_eval", -math.inf))
+        print(f"resuming {run_dir} at step {start.global_step:,}")
     else:
         try:
             run_dir = new_run_dir(args)
         except OSError as e:
             return fail(f"cannot create the run directory ({e}): pick another --runs-dir or --exp-name")
+    print(f"{SCRIPT}: {args.env_id}, {args.num_iterations} iterations of {args.batch_size} steps "
+          f"({args.num_envs} envs x {args.num_steps} steps), minibatch {args.minibatch_size}, run dir {run_dir}")
 
-    stop = StopRequest()
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    agent, global_step, timings = train(args, run_dir, checkpoint, stop)
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
-    if stop.signum:
-        print(f"stopped at step {global_step:,}; checkpoint saved. Resume with:\n"
-              f"  python {SCRIPT}.py --resume {checkpoint_path}", file=sys.stderr)
-        return 128 + stop.signum
+    harness = Harness(args, run_dir, agent, optimizer)
+    signal.signal(signal.SIGINT, harness)
+    signal.signal(signal.SIGTERM, harness)
+    progress, timings = train(args, run_dir, agent, optimizer, start, harness)
+    if harness.signum:
+        print(f"stopped at step {progress.global_step:,}; checkpoint saved. Resume with:\n"
+              f"  python {SCRIPT}.py --resume {os.path.join(run_dir, 'checkpoint.pt')}", file=sys.stderr)
+        return 128 + harness.signum
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C now stops the evaluation
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     total = sum(timings.values()) or 1.0
     print("time split: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in timings.items()))
 
     video_dir = os.path.join(run_dir, "videos", "eval") if args.capture_video else None
-    returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir)
-    report_evaluation(returns, os.path.join(run_dir, "evaluation.json"), global_step)
+    eval_returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir)
+    report_evaluation(eval_returns, os.path.join(run_dir, "evaluation.json"), progress.global_step)
     print(f"run dir: {run_dir}\n  tensorboard --logdir {args.runs_dir}")
     return 0
 

@@ -8,8 +8,8 @@ For each script, at fixed hyperparameters, in one process with one torch thread:
          stepped with random actions: the ceiling for any trainer on that vector env
   train  the script's own train() for --steps env steps: rollout, GAE, update, logging,
          checkpoints; no evaluation, no video, interpreter start-up and imports excluded
-and the split of training time into env stepping, action selection, storage and update, from
-the timings train() returns. Each figure is the median over the repetitions, raw and train
+and the split of training time into the phases of an iteration (collecting the rollout, env
+steps included; building the batch; the update), from the timings train() returns. Each figure is the median over the repetitions, raw and train
 alternating so that both see the same machine state. Writes a markdown table (--out).
 """
 
@@ -55,9 +55,10 @@ def raw_env_sps(script, args, steps: int) -> float:
 def train_sps(script, args) -> tuple[float, dict]:
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
-        _, global_step, timings = script.train(args, run_dir)
+        agent, optimizer = script.make_agent_and_optimizer(args)
+        progress, timings = script.train(args, run_dir, agent, optimizer)
         elapsed = time.perf_counter() - start
-    return global_step / elapsed, timings
+    return progress.global_step / elapsed, timings
 
 
 def main() -> None:
@@ -94,12 +95,12 @@ def main() -> None:
              f"{opts.steps:,} env steps per measurement, median of {opts.reps}.",
              f"Command: `python benchmark/throughput.py --steps {opts.steps} --reps {opts.reps}`", "",
              "| script | env x num_envs | batch / minibatch x epochs | raw env steps/s | training steps/s "
-             "| training / raw | env | action | storage | update |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| training / raw | rollout | batch | update |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, args, raw, train, split, flags in rows:
         lines.append(f"| {name}.py | {args.env_id} x {args.num_envs} | {args.batch_size} / {args.minibatch_size} x "
                      f"{args.update_epochs} | {raw:,.0f} | {train:,.0f} | {100 * train / raw:.0f}% | "
-                     + " | ".join(f"{100 * split[k]:.0f}%" for k in ("env", "action", "storage", "update")) + " |")
+                     + " | ".join(f"{100 * split[k]:.0f}%" for k in ("rollout", "batch", "update")) + " |")
     lines += ["", "Flags: " + "; ".join(f"{name}.py `{' '.join(FLAGS[name]) or '(defaults)'}`" for name, *_ in rows)]
     text = "\n".join(lines) + "\n"
     print("\n" + text)

@@ -54,7 +54,7 @@ class TestDiscretePolicy:
         dist = torch.distributions.Categorical(logits=agent.actor(obs))
         torch.testing.assert_close(logprob, dist.log_prob(actions))
         torch.testing.assert_close(entropy, dist.entropy())
-        torch.testing.assert_close(value, agent.critic(obs).squeeze(-1))
+        assert value.shape == (32,)
 
     def test_sampled_actions_follow_the_softmax(self):
         agent = make_agent(ppo_discrete)
@@ -65,7 +65,26 @@ class TestDiscretePolicy:
         expected = agent.actor(obs[:1]).softmax(-1)[0].double()
         torch.testing.assert_close(counts, expected.detach(), atol=0.015, rtol=0)
 
-    def test_greedy_action_is_the_argmax(self):
+    def test_deterministic_action_is_the_most_probable_one(self):
         agent = make_agent(ppo_discrete)
-        obs = torch.randn(64, 8)
-        assert torch.equal(agent.greedy_action(obs), agent.actor(obs).argmax(-1))
+        with torch.no_grad():  # logits [0, 3, 1, 2] whatever the observation
+            agent.actor[-1].weight.zero_()
+            agent.actor[-1].bias.copy_(torch.tensor([0.0, 3.0, 1.0, 2.0]))
+        assert agent.deterministic_action(torch.randn(64, 8)).tolist() == [1] * 64
+
+
+def test_value_is_the_critic_output_per_row(script):
+    agent = make_agent(script, obs_dim=3)
+    with torch.no_grad():  # V(s) = 2 s_0 - s_2 + 0.5, through tanh layers kept near 0 (linear there)
+        first, second, last = linears(agent.critic)
+        for layer in (first, second, last):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        first.weight[0, 0], first.weight[1, 2] = 1e-3, 1e-3
+        second.weight[0, 0], second.weight[1, 1] = 1.0, 1.0
+        last.weight[0, 0], last.weight[0, 1] = 2e3, -1e3
+        last.bias.fill_(0.5)
+    obs = torch.tensor([[1.0, 5.0, 2.0], [-1.0, 0.0, 0.0]])
+    if script.__name__ == "ppo_continuous":
+        agent.norm_obs = False  # raw observations reach the critic
+    torch.testing.assert_close(agent.value(obs), torch.tensor([0.5, -1.5]), atol=1e-3, rtol=0)

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -120,7 +119,7 @@ def test_checkpoint_write_is_atomic(script, tmp_path, monkeypatch):
     agent = script.agent_from_checkpoint(script.load_checkpoint(str(run_dir / "checkpoint.pt")))
     with pytest.raises(OSError):
         script.save_checkpoint(str(run_dir / "checkpoint.pt"), agent=agent, optimizer=torch.optim.Adam(agent.parameters()),
-                               args=script.Args(), global_step=0, iteration=0, best_eval=0.0)
+                               args=script.Args(), progress=script.Progress())
     assert (run_dir / "checkpoint.pt").read_bytes() == good
     assert sorted(os.listdir(run_dir)) == sorted(f for f in os.listdir(run_dir) if ".tmp" not in f)
 
@@ -265,12 +264,12 @@ def test_import_is_side_effect_free(script, tmp_path):
     code = (f"import sys, importlib.util; sys.argv = ['x', '--bogus']; import {script.__name__}; "
             f"spec = importlib.util.spec_from_file_location('copy', {path!r}); "
             "spec.loader.exec_module(importlib.util.module_from_spec(spec)); print('ok')")
-    start = time.perf_counter()
+    # The slow imports (tyro, TensorBoard) wait until a run needs them.
+    code += "; print(sorted(m for m in ('tyro', 'torch.utils.tensorboard') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": ROOT}, timeout=60)
-    assert result.stdout == "ok\n" and result.stderr == ""
+    assert result.stdout == "ok\n[]\n" and result.stderr == ""
     assert os.listdir(tmp_path) == []
-    assert time.perf_counter() - start < 15
 
 
 def test_target_kl_stops_the_epochs_early(script, tmp_path):

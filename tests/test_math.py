@@ -21,8 +21,8 @@ def col(xs):
 
 def gae(script, terminations, dones, gamma=GAMMA, lam=LAMBDA, rewards=REWARDS, values=VALUES,
         next_values=NEXT_VALUES):
-    adv, ret = script.compute_gae(col(rewards), col(values), col(next_values), col(terminations),
-                                  col(dones), gamma, lam)
+    adv, ret = script.compute_gae(rewards=col(rewards), values=col(values), next_values=col(next_values),
+                                  terminations=col(terminations), dones=col(dones), gamma=gamma, gae_lambda=lam)
     return adv.squeeze(1).tolist(), ret.squeeze(1).tolist()
 
 
@@ -86,23 +86,25 @@ class TestGAE:
         terminations = dones * (rng.random((T, N)) < 0.5)  # some endings are truncations
         rewards, values, next_values = rng.normal(size=(3, T, N))
         expected = naive_gae(rewards, values, next_values, terminations, dones, 0.99, 0.95)
-        adv, ret = script.compute_gae(*(torch.tensor(x) for x in (rewards, values, next_values, terminations, dones)),
-                                      0.99, 0.95)
+        t = torch.tensor
+        adv, ret = script.compute_gae(rewards=t(rewards), values=t(values), next_values=t(next_values),
+                                      terminations=t(terminations), dones=t(dones), gamma=0.99, gae_lambda=0.95)
         np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-10, atol=1e-10)
         np.testing.assert_allclose(ret.numpy(), expected + values, rtol=1e-10, atol=1e-10)
 
 
 RATIOS = [1.5, 0.5, 1.1, 0.7]
 ADVANTAGES = [1.0, 1.0, -1.0, -1.0]
-NEW_V, OLD_V, RETURNS = [1.0, 2.0, 3.0, 4.0], [1.5, 1.5, 3.0, 3.0], [0.0, 3.0, 3.0, 6.0]
+NEW_V, OLD_V, TARGETS = [1.0, 2.0, 3.0, 4.0], [1.5, 1.5, 3.0, 3.0], [0.0, 3.0, 3.0, 6.0]
 ENTROPY = [1.0, 1.0, 0.5, 0.5]
 
 
 def loss_of(script, clip_vloss, ent_coef=0.01, vf_coef=0.5, newlogprob=None):
     t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
     newlogprob = t([math.log(r) for r in RATIOS]) if newlogprob is None else newlogprob
-    return script.ppo_loss(newlogprob, t([0.0] * 4), t(ADVANTAGES), t(NEW_V), t(OLD_V), t(RETURNS),
-                           t(ENTROPY), clip_coef=0.2, vf_coef=vf_coef, ent_coef=ent_coef, clip_vloss=clip_vloss)
+    return script.ppo_loss(newlogprob=newlogprob, oldlogprob=t([0.0] * 4), advantages=t(ADVANTAGES),
+                           newvalue=t(NEW_V), oldvalue=t(OLD_V), value_targets=t(TARGETS), entropy=t(ENTROPY),
+                           clip_coef=0.2, vf_coef=vf_coef, ent_coef=ent_coef, clip_vloss=clip_vloss)
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
@@ -132,16 +134,34 @@ class TestLoss:
         assert parts["v_loss"].item() == pytest.approx(0.5 * (1.69 + 1.69 + 0 + 7.84) / 4)
 
     def test_total_combines_the_terms_with_their_coefficients(self, script):
-        for clip_vloss in (False, True):
+        # pg_loss 0.05 (above), entropy 0.75, v_loss 0.75 unclipped and 1.4025 clipped (above):
+        # loss = pg_loss - 0.1 x entropy + 0.7 x v_loss
+        for clip_vloss, expected in ((False, 0.05 - 0.075 + 0.525), (True, 0.05 - 0.075 + 0.7 * 1.4025)):
             loss, parts = loss_of(script, clip_vloss=clip_vloss, ent_coef=0.1, vf_coef=0.7)
             assert parts["entropy_loss"].item() == pytest.approx(0.75)
-            expected = parts["pg_loss"] - 0.1 * 0.75 + 0.7 * parts["v_loss"]
-            assert loss.item() == pytest.approx(expected.item())
+            assert loss.item() == pytest.approx(expected)
 
-    def test_kl_estimates(self, script):
-        _, parts = loss_of(script, clip_vloss=False)
-        logs = [math.log(r) for r in RATIOS]
-        assert parts["old_approx_kl"].item() == pytest.approx(-sum(logs) / 4)
-        assert parts["approx_kl"].item() == pytest.approx(sum((r - 1) - lr for r, lr in zip(RATIOS, logs)) / 4)
+    def test_kl_estimates_are_the_exact_kl_on_a_sample_with_the_old_frequencies(self, script):
+        # Actions drawn exactly in the old policy's proportions p = (1/2, 1/4, 1/4): the sample mean
+        # of either estimator is then E_p[-log(q/p)] = KL(p || q), as E_p[q/p - 1] = 0.
+        p, q = torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64), torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+        actions = torch.tensor([0, 0, 1, 2])
+        zeros = torch.zeros(4, dtype=torch.float64)
+        _, parts = script.ppo_loss(newlogprob=q.log()[actions], oldlogprob=p.log()[actions], advantages=zeros,
+                                   newvalue=zeros, oldvalue=zeros, value_targets=zeros, entropy=zeros,
+                                   clip_coef=0.2, vf_coef=0.5, ent_coef=0.0, clip_vloss=False)
+        exact = torch.distributions.kl_divergence(torch.distributions.Categorical(probs=p),
+                                                  torch.distributions.Categorical(probs=q)).item()
+        assert parts["approx_kl"].item() == pytest.approx(exact)
+        assert parts["old_approx_kl"].item() == pytest.approx(exact)
         assert set(parts) == {"pg_loss", "v_loss", "entropy_loss", "approx_kl", "old_approx_kl", "clipfrac"}
-        assert all(not p.requires_grad for p in parts.values())
+        assert all(not part.requires_grad for part in parts.values())
+
+    def test_kl_estimate_stays_positive_where_the_naive_one_goes_negative(self, script):
+        # One action, ratio 2: -log r = -0.693 (negative), (r - 1) - log r = 1 - 0.693 = 0.307
+        one = torch.ones(1, dtype=torch.float64)
+        _, parts = script.ppo_loss(newlogprob=torch.log(2 * one), oldlogprob=0 * one, advantages=one,
+                                   newvalue=one, oldvalue=one, value_targets=one, entropy=one,
+                                   clip_coef=0.2, vf_coef=0.5, ent_coef=0.0, clip_vloss=False)
+        assert parts["old_approx_kl"].item() == pytest.approx(-0.693147, abs=1e-6)
+        assert parts["approx_kl"].item() == pytest.approx(0.306853, abs=1e-6)

@@ -1,0 +1,63 @@
+"""The two scripts repeat each other on purpose: whatever does not depend on the action space
+must be the same text in both, so that a fix in one cannot silently miss the other."""
+import inspect
+
+from conftest import ppo_continuous, ppo_discrete
+
+# Defined in both, and different because the action space is: each with the reason.
+DIFFER = {
+    "Args": "other defaults and comments; the continuous flags --log-std-init, --norm-obs, --norm-reward",
+    "make_env": "the continuous env clips actions to its bounds (ClipAction)",
+    "env_shapes": "a number of actions against an action size",
+    "Agent": "a categorical policy against a Gaussian one with observation normalization",
+    "make_agent_and_optimizer": "the Gaussian agent takes norm_obs and log_std_init",
+    "train": "action storage (integers against float vectors), reward scaling, observation statistics",
+    "check_env": "which action space is accepted",
+    "save_checkpoint": "the checkpoint names the action size n_actions or action_dim",
+    "agent_from_checkpoint": "reads n_actions or action_dim, and norm_obs",
+    "check_shapes": "compares n_actions or action_dim",
+}
+# Defined in one script only.
+ONLY = {
+    "ppo_discrete": set(),
+    "ppo_continuous": {"RunningMeanStd", "HALF_LOG_2PI", "discounted_returns", "RewardScaler"},
+}
+
+
+def own_names(module):
+    """Functions, classes and upper-case constants the module defines itself (not imports)."""
+    names = set()
+    for name, obj in vars(module).items():
+        if inspect.isfunction(obj) or inspect.isclass(obj):
+            if obj.__module__ == module.__name__:
+                names.add(name)
+        elif name.isupper() and not name.startswith("_"):
+            names.add(name)
+    return names
+
+
+def test_every_shared_function_and_class_is_the_same_text():
+    shared = own_names(ppo_discrete) & own_names(ppo_continuous)
+    checked = [n for n in sorted(shared) if (inspect.isfunction(getattr(ppo_discrete, n))
+                                            or inspect.isclass(getattr(ppo_discrete, n))) and n not in DIFFER]
+    assert len(checked) >= 25  # the bulk of both files
+    differing = [n for n in checked
+                 if inspect.getsource(getattr(ppo_discrete, n)) != inspect.getsource(getattr(ppo_continuous, n))]
+    assert differing == [], f"make these the same text, or list them in DIFFER with a reason: {differing}"
+
+
+def test_the_list_of_differences_is_short_and_true():
+    for name in DIFFER:
+        a, b = getattr(ppo_discrete, name), getattr(ppo_continuous, name)
+        assert inspect.getsource(a) != inspect.getsource(b), f"{name} is the same text now: drop it from DIFFER"
+
+
+def test_what_only_one_script_defines():
+    d, c = own_names(ppo_discrete), own_names(ppo_continuous)
+    assert d - c == ONLY["ppo_discrete"]
+    assert c - d == ONLY["ppo_continuous"]
+
+
+def test_constants_that_must_agree():
+    for name in ("CHECKPOINT_FORMAT", "FROM_COMMAND_LINE", "LOSS_TAGS"):
+        assert getattr(ppo_discrete, name) == getattr(ppo_continuous, name)
