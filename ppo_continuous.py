@@ -41,20 +41,26 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
+import tempfile
 import time
+import typing
 from collections import deque
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple, Optional
 
-import gymnasium as gym
-import numpy as np
-import torch
-import torch.nn as nn
+try:  # these take a second or two: Ctrl-C meanwhile exits quietly, like Ctrl-C anywhere else
+    import gymnasium as gym
+    import numpy as np
+    import torch
+    import torch.nn as nn
+except KeyboardInterrupt:
+    sys.exit(130)
 
 SCRIPT = "ppo_continuous"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +150,9 @@ class Args:
     """episodes of each periodic evaluation (--eval-every)"""
     checkpoint_every: int = 50
     """write checkpoint.pt every N iterations (it is also written at the end and on Ctrl-C)"""
+    checkpoint_seconds: float = 60.0
+    """also write checkpoint.pt whenever this many seconds of training passed since the last one
+    (a crash or kill -9 then loses at most that much; 0: by iteration only)"""
     print_every: float = 5.0
     """seconds between progress lines"""
     resume: Optional[str] = None
@@ -410,6 +419,10 @@ def new_rollout(num_steps: int, num_envs: int, obs_dim: int, action_shape: tuple
                    dones=np.zeros((T, N), dtype=np.float32))
 
 
+class Diverged(Exception):
+    """A non-finite number (an action, a loss, a gradient norm or a weight): training cannot go on."""
+
+
 class Episode(NamedTuple):
     global_step: int  # when it ended
     episode_return: float  # undiscounted sum of its rewards
@@ -432,6 +445,8 @@ def collect_rollout(*, envs, agent: nn.Module, obs: np.ndarray, rollout: Rollout
             obs = np.asarray(obs, dtype=np.float32)
             rollout.obs[step] = obs
             action = agent.sample_action(torch.from_numpy(obs).to(device)).cpu().numpy()
+            if not np.isfinite(action).all():  # a NaN action never reaches an env
+                raise Diverged(f"a non-finite action at rollout step {step}")
             obs, reward, terminated, truncated, infos = envs.step(action)
             rollout.actions[step] = action
             rollout.rewards[step] = reward
@@ -525,10 +540,11 @@ def make_batch(*, agent: nn.Module, rollout: Rollout, rewards: np.ndarray, gamma
 def update(*, agent: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, args: Args) -> dict[str, float]:
     """Phase 3: update_epochs passes over the batch in shuffled minibatches, a gradient step each.
 
-    Returns ppo_loss's parts, each averaged over the minibatches of this iteration.
+    Returns ppo_loss's parts, each averaged over the minibatches of this iteration. Raises
+    Diverged if a loss, a gradient or a weight is no longer finite.
     """
     params = list(agent.parameters())
-    parts_per_step = []
+    parts_per_step, grad_norms = [], []
     for epoch in range(args.update_epochs):
         # One gather per epoch; the minibatches below are then cheap contiguous slices.
         perm = torch.randperm(args.batch_size, device=batch.obs.device)
@@ -545,12 +561,18 @@ def update(*, agent: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, 
                                    ent_coef=args.ent_coef, clip_vloss=args.clip_vloss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
+            grad_norms.append(nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True))
             optimizer.step()
             parts_per_step.append(torch.stack(list(parts.values())))
         # Early stopping on the KL of the last minibatch [37-12]; .item() waits for the device.
         if args.target_kl is not None and parts["approx_kl"].item() > args.target_kl:
             break
+    # A non-finite loss makes the gradient norm non-finite too. Checked once per update rather
+    # than at every step (each check waits for the device); the caller saves nothing after it.
+    if not torch.isfinite(torch.stack(grad_norms)).all():
+        raise Diverged("a non-finite loss or gradient")
+    if not all(torch.isfinite(p).all() for p in params):
+        raise Diverged("a non-finite weight")
     return dict(zip(parts, torch.stack(parts_per_step).mean(0).tolist()))
 
 
@@ -617,6 +639,11 @@ class Progress(NamedTuple):
     best_eval: float = -math.inf  # best mean of the periodic evaluations so far
 
 
+def final_step(args: Args, global_step: int = 0) -> int:
+    """Where a run that is at global_step ends: the last whole batch within total_timesteps."""
+    return global_step + (args.total_timesteps - global_step) // args.batch_size * args.batch_size
+
+
 class TrainHooks:
     """What train() leaves to its caller. These defaults print nothing, save nothing and never
     stop early; the harness (section 8) overrides them with progress lines, checkpoint files and
@@ -636,6 +663,18 @@ LOSS_TAGS = {"pg_loss": "losses/policy_loss", "v_loss": "losses/value_loss", "en
              "approx_kl": "losses/approx_kl", "old_approx_kl": "losses/old_approx_kl", "clipfrac": "losses/clipfrac"}
 
 
+def make_writer(args: Args, run_dir: str, global_step: int):
+    """A TensorBoard writer for run_dir; on resume it drops what an interrupted run logged after
+    its checkpoint (steps > global_step)."""
+    from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow to import
+
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if global_step else None)
+    if global_step == 0:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+            f"|{k}|{v}|" for k, v in asdict(args).items()))
+    return writer
+
+
 def log_iteration(writer, *, global_step: int, episodes: list[Episode], sps: float, losses: dict[str, float],
                   batch: Batch, learning_rate: float) -> None:
     """TensorBoard scalars under CleanRL's tags. The x axis counts env steps, so runs of other
@@ -651,28 +690,26 @@ def log_iteration(writer, *, global_step: int, episodes: list[Episode], sps: flo
                       explained_variance(values=batch.values, value_targets=batch.value_targets), global_step)
 
 
-def train(args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimizer,
-          start: Progress = Progress(), hooks: TrainHooks = TrainHooks()) -> tuple[Progress, dict]:
-    """Train PPO from `start` (a fresh run, or a resumed one) to args.num_iterations.
-
-    Logs to TensorBoard in run_dir. Returns (the progress reached, timings): timings holds the
-    seconds spent in each phase (rollout, batch, update) and in the rest (logging, evaluation,
-    checkpoints); benchmark/throughput.py reads it.
-    """
-    from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow to import
-
-    device = next(agent.parameters()).device
-    global_step, iteration, best_eval = start
-    # On resume, drop what an interrupted run logged after its checkpoint (steps > global_step).
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if global_step else None)
-    if global_step == 0:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{k}|{v}|" for k, v in asdict(args).items()))
+def make_training_envs(args: Args, run_dir: str, global_step: int) -> gym.vector.SyncVectorEnv:
     # A resumed run records into its own folder: the episode numbers start again from 0.
     video_name = "train" if global_step == 0 else f"train_from_step_{global_step}"
     video_dir = os.path.join(run_dir, "videos", video_name) if args.capture_video else None
-    envs = make_vector_env(
+    return make_vector_env(
         [make_env(args.env_id, video_dir if i == 0 else None, capped_cubic) for i in range(args.num_envs)])
+
+
+def train(args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimizer,
+          start: Progress = Progress(), hooks: TrainHooks = TrainHooks()) -> tuple[Progress, dict]:
+    """Train PPO from `start` (a fresh run, or a resumed one) to final_step(args, start).
+
+    Logs to TensorBoard in run_dir. Returns (the progress reached, timings): timings holds the
+    seconds spent in each phase (rollout, batch, update) and in the rest (logging, evaluation,
+    checkpoints); benchmark/throughput.py reads it. Diverged propagates, with nothing saved after it.
+    """
+    device = next(agent.parameters()).device
+    global_step, iteration, best_eval = start
+    last_step = final_step(args, global_step)
+    writer, envs = make_writer(args, run_dir, global_step), make_training_envs(args, run_dir, global_step)
     # Env i starts from seed + i; a resumed run starts new episodes from fresh seeds.
     obs, _ = envs.reset(seed=args.seed + iteration * args.num_envs)
     rollout = new_rollout(args.num_steps, args.num_envs, envs.single_observation_space.shape[0],
@@ -680,57 +717,57 @@ def train(args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimiz
     scale_rewards = RewardScaler(agent.return_rms, args.num_envs, args.gamma)
     recent_returns = deque(maxlen=20)
     timings = dict(rollout=0.0, batch=0.0, update=0.0, other=0.0)
-    start_time = time.perf_counter()
+    start_time = last_save = time.perf_counter()
+    try:
+        while global_step < last_step:
+            # Linear learning-rate annealing [37-4]: learning_rate in the first iteration, down to
+            # learning_rate * batch_size / (the run's length in steps) in the last one.
+            frac = 1.0 - global_step / last_step if args.anneal_lr else 1.0
+            optimizer.param_groups[0]["lr"] = args.learning_rate * frac
+            t0 = time.perf_counter()
+            obs, episodes = collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout,
+                                            global_step=global_step, stop_requested=hooks.stop_requested)
+            if hooks.stop_requested():
+                break  # drop the incomplete rollout: weights and step count stay the last iteration's
+            t1 = time.perf_counter()
+            rewards = scale_rewards(rollout.rewards, rollout.dones) if args.norm_reward else rollout.rewards
+            batch = make_batch(agent=agent, rollout=rollout, rewards=rewards, gamma=args.gamma,
+                               gae_lambda=args.gae_lambda)
+            t2 = time.perf_counter()
+            losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args)
+            # Observation statistics move only between iterations: the rollout, its old log-probs
+            # and the update all saw the same normalization, so the PPO ratio compares like with like.
+            if args.norm_obs:
+                agent.obs_rms.update(batch.obs)
+            t3 = time.perf_counter()
+            global_step, iteration = global_step + args.batch_size, iteration + 1
 
-    while iteration < args.num_iterations:
-        # Linear learning-rate annealing [37-4]: learning_rate in the first iteration, down to
-        # learning_rate / num_iterations in the last one.
-        frac = 1.0 - iteration / args.num_iterations if args.anneal_lr else 1.0
-        optimizer.param_groups[0]["lr"] = args.learning_rate * frac
-        t0 = time.perf_counter()
-        obs, episodes = collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout,
-                                        global_step=global_step, stop_requested=hooks.stop_requested)
+            sps = (global_step - start.global_step) / (t3 - start_time)
+            log_iteration(writer, global_step=global_step, episodes=episodes, sps=sps, losses=losses, batch=batch,
+                          learning_rate=optimizer.param_groups[0]["lr"])
+            recent_returns.extend(episode.episode_return for episode in episodes)
+            hooks.report(Progress(global_step, iteration, best_eval), sps, list(recent_returns))
+            if args.eval_every and iteration % args.eval_every == 0:
+                eval_returns = evaluate(agent, args.env_id, args.periodic_eval_episodes, eval_seed(args), device)
+                writer.add_scalar("eval/mean_return", eval_returns.mean(), global_step)
+                print(f"eval at step {global_step:,}: {eval_returns.mean():.1f} +/- {eval_returns.std():.1f} "
+                      f"over {len(eval_returns)} episodes", flush=True)
+                if eval_returns.mean() > best_eval:
+                    best_eval = float(eval_returns.mean())
+                    hooks.save("best.pt", Progress(global_step, iteration, best_eval))
+            if (iteration % args.checkpoint_every == 0 or global_step == last_step
+                    or 0 < args.checkpoint_seconds <= time.perf_counter() - last_save):
+                hooks.save("checkpoint.pt", Progress(global_step, iteration, best_eval))
+                last_save = time.perf_counter()
+            for phase, seconds in zip(("rollout", "batch", "update", "other"),
+                                      (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
+                timings[phase] += seconds
         if hooks.stop_requested():
-            break  # drop the incomplete rollout: weights and step count stay the last iteration's
-        t1 = time.perf_counter()
-        rewards = scale_rewards(rollout.rewards, rollout.dones) if args.norm_reward else rollout.rewards
-        batch = make_batch(agent=agent, rollout=rollout, rewards=rewards, gamma=args.gamma,
-                           gae_lambda=args.gae_lambda)
-        t2 = time.perf_counter()
-        losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args)
-        # Observation statistics move only between iterations: the rollout, its old log-probs and
-        # the update all saw the same normalization, so the PPO ratio compares like with like.
-        if args.norm_obs:
-            agent.obs_rms.update(batch.obs)
-        t3 = time.perf_counter()
-        global_step, iteration = global_step + args.batch_size, iteration + 1
-
-        sps = (global_step - start.global_step) / (t3 - start_time)
-        log_iteration(writer, global_step=global_step, episodes=episodes, sps=sps, losses=losses, batch=batch,
-                      learning_rate=optimizer.param_groups[0]["lr"])
-        recent_returns.extend(episode.episode_return for episode in episodes)
-        hooks.report(Progress(global_step, iteration, best_eval), sps, list(recent_returns))
-
-        if args.eval_every and iteration % args.eval_every == 0:
-            eval_returns = evaluate(agent, args.env_id, args.periodic_eval_episodes, eval_seed(args), device)
-            writer.add_scalar("eval/mean_return", eval_returns.mean(), global_step)
-            print(f"eval at step {global_step:,}: {eval_returns.mean():.1f} +/- {eval_returns.std():.1f} "
-                  f"over {len(eval_returns)} episodes", flush=True)
-            if eval_returns.mean() > best_eval:
-                best_eval = float(eval_returns.mean())
-                hooks.save("best.pt", Progress(global_step, iteration, best_eval))
-        if iteration % args.checkpoint_every == 0 or iteration == args.num_iterations:
             hooks.save("checkpoint.pt", Progress(global_step, iteration, best_eval))
-        for phase, seconds in zip(("rollout", "batch", "update", "other"),
-                                  (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
-            timings[phase] += seconds
-
-    progress = Progress(global_step, iteration, best_eval)
-    if hooks.stop_requested():
-        hooks.save("checkpoint.pt", progress)
-    envs.close()
-    writer.close()
-    return progress, timings
+    finally:
+        envs.close()
+        writer.close()
+    return Progress(global_step, iteration, best_eval), timings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,22 +777,47 @@ def train(args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimiz
 # Flags that --resume and --eval-checkpoint always take from the command line, never from the
 # checkpoint: where to run and what to do. Every other flag comes from the checkpoint unless given.
 FROM_COMMAND_LINE = {"cuda", "resume", "eval_checkpoint"}
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+class RunError(Exception):
+    """Something the user can fix or must know, as one line: main() prints it and exits."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def check_args(args: Args) -> Optional[str]:
     """The first thing wrong with the flags, as one line saying what to do, or None."""
+    for f in fields(Args):  # inf or nan would train silently into NaN weights
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{flag(f.name)} must be a finite number, got {value}"
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
                  "hidden_size", "eval_episodes", "periodic_eval_episodes", "checkpoint_every"):
         if getattr(args, name) <= 0:
-            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
-    if args.eval_every < 0:
-        return f"--eval-every must be 0 (off) or positive, got {args.eval_every}"
+            return f"{flag(name)} must be positive, got {getattr(args, name)}"
+    for name in ("eval_every", "checkpoint_seconds", "print_every", "ent_coef", "vf_coef"):
+        if getattr(args, name) < 0:
+            return f"{flag(name)} must be 0 or more, got {getattr(args, name)}"
     for name in ("learning_rate", "clip_coef", "max_grad_norm"):
         if not getattr(args, name) > 0:
-            return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
+            return f"{flag(name)} must be positive, got {getattr(args, name)}"
+    if args.target_kl is not None and not args.target_kl > 0:
+        return f"--target-kl must be positive (leave it out to turn it off), got {args.target_kl}"
     for name in ("gamma", "gae_lambda"):
         if not 0.0 <= getattr(args, name) <= 1.0:
-            return f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}"
+            return f"{flag(name)} must lie in [0, 1], got {getattr(args, name)}"
+    if not 0 <= args.seed < 2**31:  # numpy takes seeds below 2^32; env seeds count up from it
+        return f"--seed must lie in [0, 2^31), got {args.seed}"
+    if not PLAIN_NAME.fullmatch(args.exp_name):
+        return (f"--exp-name must be a plain name (letters, digits, '.', '_', '-'; not starting with "
+                f"'.' or '-'), got {args.exp_name!r}")
     if args.batch_size % args.num_minibatches:
         return (f"the batch of {args.batch_size} (--num-envs x --num-steps) does not split into "
                 f"{args.num_minibatches} equal minibatches: change --num-minibatches")
@@ -776,19 +838,48 @@ def check_env(env_id: str) -> Optional[str]:
     """Whether env_id can be trained by this script: None, or a one-line error."""
     try:
         env = gym.make(env_id)
-    except gym.error.Error as e:  # unknown id, missing dependency (e.g. box2d), bad version
+    except Exception as e:  # unknown id, a missing package (box2d, jax, ...), bad version, a bug in the env
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"cannot make env {env_id!r} ({reason}): pick an id from gymnasium.envs.registry"
     try:
-        if isinstance(env.action_space, gym.spaces.Discrete):
+        obs_space, space = env.observation_space, env.action_space
+        if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+            return f"{env_id} observations are not a flat Box (got {obs_space}): neither script takes them"
+        if isinstance(space, gym.spaces.Discrete):
+            if space.start != 0:
+                return f"{env_id} numbers its discrete actions from {space.start}: neither script takes them"
             return f"{env_id} has a discrete action space: use ppo_discrete.py"
-        if not isinstance(env.action_space, gym.spaces.Box) or len(env.action_space.shape) != 1:
-            return f"{env_id} has a {env.action_space} action space: this script needs a flat Box"
-        space = env.observation_space
         if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-            return f"{env_id} observations are not a flat Box (got {space}): this script needs a vector"
+            return f"{env_id} has a {space} action space: this script needs a flat Box"
     finally:
         env.close()
+    return None
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available now (Linux's MemAvailable, else all physical memory), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            return None
+
+
+def check_memory(args: Args, obs_dim: int, action_size: int) -> Optional[str]:
+    """A rough upper estimate of what training holds at once, against the memory available."""
+    params = 2 * (obs_dim * args.hidden_size + args.hidden_size ** 2) + args.hidden_size * (action_size + 1)
+    network = params * 4 * 4  # weights, gradients and Adam's two moments, float32
+    # Per transition: the rollout (obs and next obs, in numpy and as a shuffled copy), the other
+    # fields, and the hidden activations of the batched passes that build the batch.
+    per_step = 4 * (4 * obs_dim + 3 * action_size + 16) + 4 * 6 * args.hidden_size
+    need, available = network + per_step * args.batch_size, available_memory()
+    if available is not None and need > 0.8 * available:
+        return (f"a batch of {args.batch_size:,} steps and hidden layers of {args.hidden_size} need about "
+                f"{need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available: lower "
+                "--num-envs, --num-steps or --hidden-size")
     return None
 
 
@@ -814,31 +905,65 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str, *, agent, optimizer, args: Args, progress: Progress) -> None:
-    """Write atomically: a temp file, flushed to disk, then renamed over the old checkpoint."""
-    obs_dim, action_dim = agent.actor[0].in_features, agent.actor[-1].out_features
-    data = {"script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(args),
-            "obs_dim": obs_dim, "action_dim": action_dim, "model": agent.state_dict(),
-            "optimizer": optimizer.state_dict(), "global_step": progress.global_step,
-            "iteration": progress.iteration, "best_eval": float(progress.best_eval), "rng": get_rng_state()}
-    tmp = f"{path}.tmp{os.getpid()}"
+# What a checkpoint holds: the entries each mode needs, checked when it is read.
+ACTION_SIZE = "action_dim"  # the checkpoint entry that holds the size of the action space
+EVAL_ENTRIES = {"args": dict, "obs_dim": int, ACTION_SIZE: int, "model": dict, "global_step": int}
+RESUME_ENTRIES = {**EVAL_ENTRIES, "optimizer": dict, "rng": dict, "iteration": int, "best_eval": float,
+                  "resumable": bool}
+
+TEMP_FILES: set[str] = set()  # written right now; a second Ctrl-C removes them before it exits
+
+
+def write_atomically(path: str, write) -> None:
+    """write(file) into a new temp file beside path, flushed to disk, then renamed over path.
+
+    The temp file is created exclusively under a fresh name and the rename replaces a symlink
+    rather than following it, so nothing is ever written through a link planted in the run
+    directory. If anything fails, path is untouched and the temp file removed."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+    TEMP_FILES.add(tmp)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(data, f)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):  # the write failed: the old checkpoint is untouched
+        TEMP_FILES.discard(tmp)
+        if os.path.lexists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(path: str, *, agent, optimizer, args: Args, progress: Progress, resumable: bool) -> None:
+    """resumable: the run's latest state (checkpoint.pt), not a snapshot to evaluate (best.pt)."""
+    data = {"script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(args), "resumable": resumable,
+            "obs_dim": agent.actor[0].in_features, ACTION_SIZE: agent.actor[-1].out_features, "model": agent.state_dict(),
+            "optimizer": optimizer.state_dict(), "global_step": progress.global_step,
+            "iteration": progress.iteration, "best_eval": float(progress.best_eval), "rng": get_rng_state()}
+    write_atomically(path, lambda f: torch.save(data, f))
 
 
 class CheckpointError(Exception):
     pass
 
 
-def load_checkpoint(path: str) -> dict:
+def fits(value, kind) -> bool:
+    """Whether a value read from a file has the type an Args field (or a checkpoint entry) wants."""
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+        return any(fits(value, k) for k in typing.get_args(kind))
+    return isinstance(value, kind)
+
+
+
+
+def load_checkpoint(path: str, entries: dict = EVAL_ENTRIES) -> dict:
     """Load and check a checkpoint of this script; CheckpointError says what is wrong."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory: give the checkpoint file in it (checkpoint.pt or best.pt)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: give the path of a checkpoint.pt or best.pt")
     try:
@@ -848,19 +973,44 @@ def load_checkpoint(path: str) -> dict:
                               "it may be truncated or another kind of file; pick another") from None
     if not isinstance(data, dict) or data.get("script") != SCRIPT:
         other = data.get("script") if isinstance(data, dict) else None
-        hint = f" (it comes from {other}.py: use that script)" if other else ""
+        hint = f" (it comes from {other}.py: use that script)" if isinstance(other, str) else ""
         raise CheckpointError(f"{path} is not a checkpoint of {SCRIPT}.py{hint}")
-    if data.get("format") != CHECKPOINT_FORMAT:
+    if data.get("format") == 1:  # before format 2, only the file name told whether it was resumable
+        data["resumable"] = os.path.basename(path) != "best.pt"
+    elif data.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} has checkpoint format {data.get('format')}, "
-                              f"this script reads {CHECKPOINT_FORMAT}")
+                              f"this script reads {CHECKPOINT_FORMAT} and 1")
+    wrong = [k for k, kind in entries.items() if not fits(data.get(k), kind)]
+    wrong += [f"args.{f.name}" for f in fields(Args) if "args" not in wrong and f.name in data["args"]
+              and not fits(data["args"][f.name], f.type)]
+    if "model" not in wrong and not all(isinstance(v, torch.Tensor) for v in data["model"].values()):
+        wrong.append("model")
+    if wrong:
+        raise CheckpointError(f"{path} lacks, or has damaged, {', '.join(wrong)}: it was not written whole "
+                              f"by {SCRIPT}.py; pick another checkpoint")
     return data
 
 
 def agent_from_checkpoint(data: dict, device="cpu") -> Agent:
     """The policy a checkpoint holds, normalization statistics included."""
     agent = Agent(data["obs_dim"], data["action_dim"], data["args"]["hidden_size"], data["args"]["norm_obs"])
-    agent.load_state_dict(data["model"])
+    try:
+        agent.load_state_dict(data["model"])
+    except RuntimeError:  # missing, unexpected or wrongly shaped tensors
+        raise CheckpointError("the checkpoint's weights do not fit the network its own flags describe: "
+                              "the file is damaged; pick another checkpoint") from None
     return agent.to(device)
+
+
+def restore(agent, optimizer, data: dict) -> None:
+    """Load the weights, optimizer state and RNG states of a resumable checkpoint."""
+    agent.load_state_dict(data["model"])
+    try:
+        optimizer.load_state_dict(data["optimizer"])
+        set_rng_state(data["rng"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError):
+        raise CheckpointError("the checkpoint's optimizer or RNG state is damaged: it cannot be resumed; "
+                              "evaluate it with --eval-checkpoint, or start a new run") from None
 
 
 def explicit_flags(argv: list[str]) -> set[str]:
@@ -879,22 +1029,50 @@ def args_from_checkpoint(data: dict, cli: Args, given: set[str]) -> Args:
     known = {f.name for f in fields(Args)}
     merged = {k: v for k, v in data["args"].items() if k in known}
     merged.update({k: getattr(cli, k) for k in given | FROM_COMMAND_LINE if k in known})
+    env_id = merged.get("env_id", cli.env_id)
+    # gym.make("module:Env") imports that module: a file from elsewhere must not choose code to run.
+    if "env_id" not in given and env_id not in gym.registry:
+        raise CheckpointError(f"the checkpoint names env {env_id!r}, which is not a registered Gymnasium id: "
+                              f"pass --env-id {env_id} yourself if you trust the file")
     return Args(**merged)
 
 
-def check_shapes(data: dict, args: Args) -> Optional[str]:
+def check_shapes(data: dict, args: Args, given: set[str]) -> Optional[str]:
     obs_dim, action_dim = env_shapes(args.env_id)
     if (data["obs_dim"], data["action_dim"]) != (obs_dim, action_dim):
         return (f"the checkpoint was trained for {data['obs_dim']} observations and {data['action_dim']}-D "
                 f"actions, but {args.env_id} has {obs_dim} and {action_dim}: use the env it was trained on")
-    hidden = data["model"]["actor.0.weight"].shape[0]
+    hidden = data["model"].get("actor.0.weight", torch.zeros(0, 0)).shape[0]
     if hidden != args.hidden_size:
-        return f"the checkpoint has hidden layers of {hidden}, not {args.hidden_size}: drop --hidden-size"
+        if "hidden_size" in given:
+            return f"the checkpoint has hidden layers of {hidden}, not {args.hidden_size}: drop --hidden-size"
+        return (f"the checkpoint's weights have hidden layers of {hidden} but its flags say {args.hidden_size}: "
+                "the file is damaged; pick another checkpoint")
+    return None
+
+
+def check_resume(data: dict, args: Args, path: str) -> Optional[str]:
+    """Whether the checkpoint can continue: it is a run's latest state, with steps left to train."""
+    if not data["resumable"]:
+        return (f"{path} is a snapshot (best.pt or a copy of one), not a run's latest state: resuming it "
+                "would rewind the run. Resume its checkpoint.pt, or evaluate it with --eval-checkpoint")
+    step, old_batch = data["global_step"], data["args"]["num_envs"] * data["args"]["num_steps"]
+    if args.batch_size != old_batch and (args.total_timesteps - step) % args.batch_size:
+        k = max(1, (args.total_timesteps - step) // args.batch_size)
+        return (f"the checkpoint is at step {step:,}; batches of {args.batch_size:,} cannot end exactly at "
+                f"--total-timesteps {args.total_timesteps:,}: give a multiple of the batch beyond it, e.g. "
+                f"--total-timesteps {step + k * args.batch_size}")
+    if final_step(args, step) <= step:
+        return (f"this run is finished: it trained to step {step:,} of --total-timesteps "
+                f"{args.total_timesteps:,}. Raise --total-timesteps to train on, or evaluate it with --eval-checkpoint")
+    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
+        return f"cannot write to the run directory of {path}: make it writable, or copy the run elsewhere"
     return None
 
 
 def new_run_dir(args: Args) -> str:
-    name = f"{args.env_id}__{args.exp_name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    env_name = re.sub(r"[^A-Za-z0-9._-]", "-", args.env_id)  # "ALE/Pong-v5" must not make a subfolder
+    name = f"{env_name}__{args.exp_name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(args.runs_dir, name)
     os.makedirs(run_dir, exist_ok=False)  # never write into an existing run
     return run_dir
@@ -902,15 +1080,18 @@ def new_run_dir(args: Args) -> str:
 
 class Harness(TrainHooks):
     """train()'s hooks for a run from the command line: progress lines, checkpoint files, and a
-    stop at the next env step on Ctrl-C or SIGTERM (the signal handler is this object)."""
+    stop at the next env step on Ctrl-C, SIGTERM or SIGHUP (the signal handler is this object)."""
 
-    def __init__(self, args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimizer):
+    def __init__(self, args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimizer, start: Progress):
         self.args, self.run_dir, self.agent, self.optimizer = args, run_dir, agent, optimizer
-        self.signum = 0
+        self.signum, self.total = 0, final_step(args, start.global_step)
         self.start_step, self.last_print = None, -math.inf
+        self.reported, self.saved_step = start, start.global_step if start.global_step else None
 
     def __call__(self, signum, frame):
         if self.signum:  # a second Ctrl-C: leave at once, without a new checkpoint
+            for tmp in list(TEMP_FILES):  # a checkpoint being written: the old one stays intact
+                os.remove(tmp)
             print("\nsecond interrupt: exiting without a new checkpoint", file=sys.stderr)
             os._exit(128 + signum)
         self.signum = signum
@@ -921,18 +1102,28 @@ class Harness(TrainHooks):
         return self.signum != 0
 
     def save(self, name: str, progress: Progress) -> None:
-        save_checkpoint(os.path.join(self.run_dir, name), agent=self.agent, optimizer=self.optimizer,
-                        args=self.args, progress=progress)
+        path = os.path.join(self.run_dir, name)
+        try:
+            save_checkpoint(path, agent=self.agent, optimizer=self.optimizer, args=self.args, progress=progress,
+                            resumable=name == "checkpoint.pt")
+        except OSError as e:
+            raise RunError(f"cannot write {path} ({e.strerror or e}) at step {progress.global_step:,}: training "
+                           f"stopped; {self.last_checkpoint()}", code=1) from None
+        if name == "checkpoint.pt":
+            self.saved_step = progress.global_step
+
+    def last_checkpoint(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written before it"
+        return f"{os.path.join(self.run_dir, 'checkpoint.pt')} (step {self.saved_step:,}) is intact"
 
     def report(self, progress: Progress, sps: float, recent_returns: list[float]) -> None:
-        first = self.start_step is None
+        first, self.reported = self.start_step is None, progress
         self.start_step = progress.global_step if first else self.start_step
-        now = time.perf_counter()
-        last = progress.iteration == self.args.num_iterations
-        if not (first or last or now - self.last_print >= self.args.print_every):
+        now, total = time.perf_counter(), self.total
+        if not (first or progress.global_step >= total or now - self.last_print >= self.args.print_every):
             return
         self.last_print = now
-        total = self.args.num_iterations * self.args.batch_size
         eta = (total - progress.global_step) / max(sps, 1e-9)
         mean_return = f"{np.mean(recent_returns):8.1f}" if recent_returns else "     n/a"
         print(f"step {progress.global_step:>10,}/{total:,} ({100 * progress.global_step / total:3.0f}%) | "
@@ -940,13 +1131,64 @@ class Harness(TrainHooks):
               f"ETA {format_seconds(eta)}", flush=True)
 
 
+class QuietStream:
+    """stdout or stderr that goes quiet instead of raising once its reader is gone (`| head`,
+    a closed terminal): printing must never stop a run or lose its checkpoint."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):
+            self.silence()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.silence()
+
+    def silence(self) -> None:
+        # Point the file descriptor at /dev/null, so the interpreter's last flush at exit fails silently too.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError):
+            pass
+        self.stream = open(os.devnull, "w")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def report_evaluation(eval_returns: np.ndarray, path: Optional[str], global_step: int) -> None:
     print(f"evaluation: {eval_returns.mean():.1f} +/- {eval_returns.std():.1f} over {len(eval_returns)} "
           "episodes of the deterministic policy", flush=True)
     if path:
-        with open(path, "w") as f:
-            json.dump({"global_step": global_step, "mean": float(eval_returns.mean()),
-                       "std": float(eval_returns.std()), "returns": eval_returns.tolist()}, f)
+        finite = lambda x: float(x) if math.isfinite(x) else None  # noqa: E731  (JSON has no NaN)
+        text = json.dumps({"global_step": global_step, "mean": finite(eval_returns.mean()),
+                           "std": finite(eval_returns.std()), "returns": [finite(r) for r in eval_returns]})
+        write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def prepare(cli: Args, given: set[str]) -> tuple[Args, Optional[dict]]:
+    """The flags to run with and the checkpoint to start from, every check passed; else RunError
+    or CheckpointError, before anything is written."""
+    checkpoint, args = None, cli
+    if cli.resume or cli.eval_checkpoint:
+        checkpoint = load_checkpoint(cli.resume or cli.eval_checkpoint, RESUME_ENTRIES if cli.resume else EVAL_ENTRIES)
+        args = args_from_checkpoint(checkpoint, cli, given)
+    if (error := check_args(args)) or (error := check_env(args.env_id)):
+        raise RunError(error)
+    if error := check_memory(args, *env_shapes(args.env_id)):
+        raise RunError(error)
+    if checkpoint is not None and (error := check_shapes(checkpoint, args, given)):
+        raise RunError(error)
+    if args.resume and (error := check_resume(checkpoint, args, args.resume)):
+        raise RunError(error)
+    return args, checkpoint
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -956,76 +1198,77 @@ def main(argv: Optional[list[str]] = None) -> int:
     cli = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
     # One torch thread: for 64-wide layers a second thread costs more in sync than it gains.
     torch.set_num_threads(1)
+    try:
+        return run(cli, argv)
+    except (RunError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return getattr(e, "code", 2)
 
-    def fail(message: str) -> int:
-        print(f"error: {message}", file=sys.stderr)
-        return 2
 
-    checkpoint, args = None, cli
-    source = cli.resume or cli.eval_checkpoint
-    if source:
-        try:
-            checkpoint = load_checkpoint(source)
-        except CheckpointError as e:
-            return fail(str(e))
-        if cli.resume and os.path.basename(cli.resume) == "best.pt":
-            return fail("--resume continues a run from its checkpoint.pt; best.pt is for --eval-checkpoint")
-        args = args_from_checkpoint(checkpoint, cli, explicit_flags(argv))
-    if (error := check_args(args)) or (error := check_env(args.env_id)):
-        return fail(error)
-    if checkpoint is not None and (error := check_shapes(checkpoint, args)):
-        return fail(error)
+def run(cli: Args, argv: list[str]) -> int:
+    args, checkpoint = prepare(cli, explicit_flags(argv))
     device = torch.device("cuda" if args.cuda else "cpu")
-
     if args.eval_checkpoint:
         agent = agent_from_checkpoint(checkpoint, device)
-        run_dir = os.path.dirname(os.path.abspath(source))
-        video_name = f"eval_checkpoint_step_{checkpoint['global_step']}"
-        video_dir = os.path.join(run_dir, "videos", video_name) if args.capture_video else None
-        eval_returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir)
-        report_evaluation(eval_returns, None, checkpoint["global_step"])
+        step, run_dir = checkpoint["global_step"], os.path.dirname(os.path.abspath(args.eval_checkpoint))
+        # Videos only when asked on this command line, not because the run was trained with them.
+        video_dir = os.path.join(run_dir, "videos", f"eval_checkpoint_step_{step}") if cli.capture_video else None
+        report_evaluation(evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir), None, step)
         return 0
 
     agent, optimizer = make_agent_and_optimizer(args)
     start = Progress()
     if checkpoint is not None:
-        run_dir = os.path.dirname(os.path.abspath(source))
-        agent.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        set_rng_state(checkpoint["rng"])
-        start = Progress(checkpoint["global_step"], checkpoint["iteration"], checkpoint.get("best_eval", -math.inf))
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        restore(agent, optimizer, checkpoint)
+        start = Progress(checkpoint["global_step"], checkpoint["iteration"], checkpoint["best_eval"])
         print(f"resuming {run_dir} at step {start.global_step:,}")
     else:
         try:
             run_dir = new_run_dir(args)
         except OSError as e:
-            return fail(f"cannot create the run directory ({e}): pick another --runs-dir or --exp-name")
-    print(f"{SCRIPT}: {args.env_id}, {args.num_iterations} iterations of {args.batch_size} steps "
-          f"({args.num_envs} envs x {args.num_steps} steps), minibatch {args.minibatch_size}, run dir {run_dir}")
+            raise RunError(f"cannot create the run directory ({e}): pick another --runs-dir or --exp-name") from None
+    print(f"{SCRIPT}: {args.env_id}, {args.batch_size}-step batches ({args.num_envs} envs x {args.num_steps} "
+          f"steps) to step {final_step(args, start.global_step):,}, minibatch {args.minibatch_size}, run dir {run_dir}")
 
-    harness = Harness(args, run_dir, agent, optimizer)
-    signal.signal(signal.SIGINT, harness)
-    signal.signal(signal.SIGTERM, harness)
-    progress, timings = train(args, run_dir, agent, optimizer, start, harness)
+    harness = Harness(args, run_dir, agent, optimizer, start)
+    signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    for signum in signals:
+        signal.signal(signum, harness)
+    try:
+        progress, timings = train(args, run_dir, agent, optimizer, start, harness)
+    except Diverged as e:
+        raise RunError(f"training diverged after step {harness.reported.global_step:,} ({e}); nothing was saved "
+                       f"after it: {harness.last_checkpoint()}. Try a lower --learning-rate than "
+                       f"{args.learning_rate}", code=1) from None
+    except OSError as e:  # TensorBoard or video files
+        raise RunError(f"cannot write in {run_dir} ({e.strerror or e}): training stopped; "
+                       f"{harness.last_checkpoint()}", code=1) from None
     if harness.signum:
         print(f"stopped at step {progress.global_step:,}; checkpoint saved. Resume with:\n"
               f"  python {SCRIPT}.py --resume {os.path.join(run_dir, 'checkpoint.pt')}", file=sys.stderr)
         return 128 + harness.signum
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C now stops the evaluation
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for signum in signals[1:]:
+        signal.signal(signum, signal.SIG_DFL)
     total = sum(timings.values()) or 1.0
     print("time split: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in timings.items()))
 
     video_dir = os.path.join(run_dir, "videos", "eval") if args.capture_video else None
     eval_returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir)
-    report_evaluation(eval_returns, os.path.join(run_dir, "evaluation.json"), progress.global_step)
+    try:
+        report_evaluation(eval_returns, os.path.join(run_dir, "evaluation.json"), progress.global_step)
+    except OSError as e:
+        raise RunError(f"cannot write the evaluation into {run_dir} ({e.strerror or e}); "
+                       f"{harness.last_checkpoint()}", code=1) from None
     print(f"run dir: {run_dir}\n  tensorboard --logdir {args.runs_dir}")
     return 0
 
 
 if __name__ == "__main__":
+    sys.stdout, sys.stderr = QuietStream(sys.stdout), QuietStream(sys.stderr)
     try:
         sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C outside training (evaluation): nothing left to save
+    except KeyboardInterrupt:  # Ctrl-C outside training (start-up, evaluation): nothing left to save
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)

@@ -119,7 +119,7 @@ def test_checkpoint_write_is_atomic(script, tmp_path, monkeypatch):
     agent = script.agent_from_checkpoint(script.load_checkpoint(str(run_dir / "checkpoint.pt")))
     with pytest.raises(OSError):
         script.save_checkpoint(str(run_dir / "checkpoint.pt"), agent=agent, optimizer=torch.optim.Adam(agent.parameters()),
-                               args=script.Args(), progress=script.Progress())
+                               args=script.Args(), progress=script.Progress(), resumable=True)
     assert (run_dir / "checkpoint.pt").read_bytes() == good
     assert sorted(os.listdir(run_dir)) == sorted(f for f in os.listdir(run_dir) if ".tmp" not in f)
 
@@ -191,7 +191,7 @@ def test_bad_checkpoints_exit_2_with_one_line(script, tmp_path, capsys, flag):
 def test_resume_refuses_best_pt(script, tmp_path, capsys):
     run_dir = train_tiny(script, tmp_path, "--eval-every", "1", "--periodic-eval-episodes", "1")
     assert run_main(script, ["--resume", str(run_dir / "best.pt")], tmp_path) == 2
-    assert "best.pt is for --eval-checkpoint" in capsys.readouterr().err
+    assert "is a snapshot (best.pt or a copy of one)" in capsys.readouterr().err
 
 
 def test_explicit_flags(script):

@@ -13,7 +13,6 @@ DIFFER = {
     "make_agent_and_optimizer": "the Gaussian agent takes norm_obs and log_std_init",
     "train": "action storage (integers against float vectors), reward scaling, observation statistics",
     "check_env": "which action space is accepted",
-    "save_checkpoint": "the checkpoint names the action size n_actions or action_dim",
     "agent_from_checkpoint": "reads n_actions or action_dim, and norm_obs",
     "check_shapes": "compares n_actions or action_dim",
 }
