@@ -951,7 +951,7 @@ def check_resume(data: dict, args: Args, path: str) -> Optional[str]:
                 "would rewind the run. Resume its checkpoint.pt, or evaluate it with --eval-checkpoint")
     step, old_batch = data["global_step"], data["args"]["num_envs"] * data["args"]["num_steps"]
     if args.batch_size != old_batch and (args.total_timesteps - step) % args.batch_size:
-        k = max(1, (args.total_timesteps - step) // args.batch_size)
+        k = max(1, -(-(args.total_timesteps - step) // args.batch_size))  # rounded up
         return (f"the checkpoint is at step {step:,}; batches of {args.batch_size:,} cannot end exactly at "
                 f"--total-timesteps {args.total_timesteps:,}: give a multiple of the batch beyond it, e.g. "
                 f"--total-timesteps {step + k * args.batch_size}")
@@ -1067,8 +1067,8 @@ def report_evaluation(eval_returns: np.ndarray, path: Optional[str], global_step
 
 
 def prepare(cli: Args, given: set[str]) -> tuple[Args, Optional[dict]]:
-    """The flags to run with and the checkpoint to start from, every check passed; else RunError
-    or CheckpointError, before anything is written."""
+    """The flags to run with and the checkpoint to start from, checked (run() checks a resume's
+    optimizer state and steps left); else RunError or CheckpointError, before anything is written."""
     checkpoint, args = None, cli
     if cli.resume or cli.eval_checkpoint:
         checkpoint = load_checkpoint(cli.resume or cli.eval_checkpoint, RESUME_ENTRIES if cli.resume else EVAL_ENTRIES)
@@ -1077,10 +1077,10 @@ def prepare(cli: Args, given: set[str]) -> tuple[Args, Optional[dict]]:
         raise RunError(error)
     if error := check_memory(args, *env_shapes(args.env_id)):
         raise RunError(error)
-    if checkpoint is not None and (error := check_shapes(checkpoint, args, given)):
-        raise RunError(error)
-    if args.resume and (error := check_resume(checkpoint, args, args.resume)):
-        raise RunError(error)
+    if checkpoint is not None:
+        if error := check_shapes(checkpoint, args, given):
+            raise RunError(error)
+        agent_from_checkpoint(checkpoint)  # the weights fit, or CheckpointError
     return args, checkpoint
 
 
@@ -1114,6 +1114,8 @@ def run(cli: Args, argv: list[str]) -> int:
     if checkpoint is not None:
         run_dir = os.path.dirname(os.path.abspath(args.resume))
         restore(agent, optimizer, checkpoint)
+        if error := check_resume(checkpoint, args, args.resume):
+            raise RunError(error)
         start = Progress(checkpoint["global_step"], checkpoint["iteration"], checkpoint["best_eval"])
         print(f"resuming {run_dir} at step {start.global_step:,}")
     else:
@@ -1131,7 +1133,7 @@ def run(cli: Args, argv: list[str]) -> int:
     try:
         progress, timings = train(args, run_dir, agent, optimizer, start, harness)
     except Diverged as e:
-        raise RunError(f"training diverged after step {harness.reported.global_step:,} ({e}); nothing was saved "
+        raise RunError(f"training diverged in the iteration after step {harness.reported.global_step:,} ({e}); nothing was saved "
                        f"after it: {harness.last_checkpoint()}. Try a lower --learning-rate than "
                        f"{args.learning_rate}", code=1) from None
     except OSError as e:  # TensorBoard or video files
