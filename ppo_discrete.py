@@ -34,6 +34,7 @@ Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE" (arXiv:150
 Huang et al. 2022, "The 37 Implementation Details of PPO" (ICLR blog track), cited as [37-n].
 """
 
+import importlib.util
 import json
 import math
 import os
@@ -44,8 +45,9 @@ import sys
 import tempfile
 import time
 import typing
+import warnings
 from collections import deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional
 
 try:  # these take a second or two: Ctrl-C meanwhile exits quietly, like Ctrl-C anywhere else
@@ -143,10 +145,18 @@ class Args:
     (a crash or kill -9 then loses at most that much; 0: by iteration only)"""
     print_every: float = 5.0
     """seconds between progress lines"""
+    target_return: Optional[float] = None
+    """stop training once a periodic evaluation reaches this mean return (with --eval-every, or
+    evaluating every 1/40 of the run if it is not given)"""
     resume: Optional[str] = None
     """checkpoint.pt of a run to continue in its own run directory"""
     eval_checkpoint: Optional[str] = None
     """evaluate this checkpoint with the deterministic policy, and do not train"""
+    render: bool = False
+    """with --eval-checkpoint: play the policy in a window instead (5 episodes unless
+    --eval-episodes is given)"""
+    export: Optional[str] = None
+    """with --eval-checkpoint: write the deterministic policy to this ONNX file and check it"""
 
     # Derived sizes: computed, never flags (CleanRL overwrites such flags silently).
     @property
@@ -165,16 +175,16 @@ class Args:
 # ---------------------------------------------------------------------------------------------
 # 2. Environment
 # ---------------------------------------------------------------------------------------------
-def make_env(env_id: str, video_dir: Optional[str] = None, video_trigger=None):
+def make_env(env_id: str, video_dir: Optional[str] = None, video_trigger=None, render_mode: Optional[str] = None):
     """A thunk that builds one env; `video_dir` records its episodes as mp4."""
 
     def thunk():
+        # A render mode only when one is needed: an env that cannot render need not accept it.
+        mode = "rgb_array" if video_dir is not None else render_mode
+        env = gym.make(env_id, render_mode=mode) if mode else gym.make(env_id)
         if video_dir is not None:
-            env = gym.make(env_id, render_mode="rgb_array")
             env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=video_trigger,
                                            disable_logger=True)
-        else:
-            env = gym.make(env_id)
         # Puts the episode's return and length into the info of its last step.
         return gym.wrappers.RecordEpisodeStatistics(env)
 
@@ -537,6 +547,7 @@ class Progress(NamedTuple):
     global_step: int = 0
     iteration: int = 0
     best_eval: float = -math.inf  # best mean of the periodic evaluations so far
+    target_reached: Optional[tuple[int, float]] = None  # (step, seconds of training) of --target-return
 
 
 def final_step(args: Args, global_step: int = 0) -> int:
@@ -607,7 +618,7 @@ def train(args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimiz
     checkpoints); benchmark/throughput.py reads it. Diverged propagates, with nothing saved after it.
     """
     device = next(agent.parameters()).device
-    global_step, iteration, best_eval = start
+    global_step, iteration, best_eval, target_reached = start
     last_step = final_step(args, global_step)
     writer, envs = make_writer(args, run_dir, global_step), make_training_envs(args, run_dir, global_step)
     # Env i starts from seed + i; a resumed run starts new episodes from fresh seeds.
@@ -648,19 +659,24 @@ def train(args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimiz
                 if eval_returns.mean() > best_eval:
                     best_eval = float(eval_returns.mean())
                     hooks.save("best.pt", Progress(global_step, iteration, best_eval))
-            if (iteration % args.checkpoint_every == 0 or global_step == last_step
+                if args.target_return is not None and eval_returns.mean() >= args.target_return:
+                    target_reached = (global_step, time.perf_counter() - start_time)
+                    writer.add_scalar("eval/target_reached_seconds", target_reached[1], global_step)
+            if (iteration % args.checkpoint_every == 0 or global_step == last_step or target_reached
                     or 0 < args.checkpoint_seconds <= time.perf_counter() - last_save):
                 hooks.save("checkpoint.pt", Progress(global_step, iteration, best_eval))
                 last_save = time.perf_counter()
             for phase, seconds in zip(("rollout", "batch", "update", "other"),
                                       (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
                 timings[phase] += seconds
+            if target_reached:
+                break  # the learning-rate schedule was not shortened: it simply stops here
         if hooks.stop_requested():
             hooks.save("checkpoint.pt", Progress(global_step, iteration, best_eval))
     finally:
         envs.close()
         writer.close()
-    return Progress(global_step, iteration, best_eval), timings
+    return Progress(global_step, iteration, best_eval, target_reached), timings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,7 +685,7 @@ def train(args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimiz
 # ---------------------------------------------------------------------------------------------
 # Flags that --resume and --eval-checkpoint always take from the command line, never from the
 # checkpoint: where to run and what to do. Every other flag comes from the checkpoint unless given.
-FROM_COMMAND_LINE = {"cuda", "resume", "eval_checkpoint"}
+FROM_COMMAND_LINE = {"cuda", "resume", "eval_checkpoint", "render", "export"}
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -722,6 +738,10 @@ def check_args(args: Args) -> Optional[str]:
                 f"{args.batch_size} (--num-envs x --num-steps): raise it or shrink the batch")
     if args.resume and args.eval_checkpoint:
         return "give --resume or --eval-checkpoint, not both"
+    if (args.render or args.export) and not args.eval_checkpoint:
+        return f"--{'render' if args.render else 'export'} works on a trained policy: add --eval-checkpoint PATH"
+    if args.render and args.export:
+        return "give --render or --export, not both"
     if args.cuda and not torch.cuda.is_available():
         return "--cuda was given but torch sees no CUDA device: drop --cuda"
     return None
@@ -1024,6 +1044,80 @@ class Harness(TrainHooks):
               f"ETA {format_seconds(eta)}", flush=True)
 
 
+def check_display() -> Optional[str]:
+    if sys.platform.startswith("linux") and not any(
+            os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER")):
+        return "--render needs a display and none is set (DISPLAY is empty): record videos with --capture-video instead"
+    return None
+
+
+def watch(agent: nn.Module, env_id: str, n_episodes: int, seed: int, device="cpu") -> None:
+    """Play the deterministic policy in a window, one env at its own frame rate, printing returns."""
+    env = make_env(env_id, render_mode="human")()
+    try:
+        for episode in range(n_episodes):
+            obs, _ = env.reset(seed=seed + episode)
+            done = False
+            while not done:
+                with torch.no_grad():
+                    action = agent.deterministic_action(torch.as_tensor(obs[None], dtype=torch.float32, device=device))
+                obs, _, terminated, truncated, info = env.step(action[0].cpu().numpy())
+                done = terminated or truncated
+            print(f"episode {episode + 1}: return {float(info['episode']['r']):.1f}", flush=True)
+    finally:
+        env.close()
+
+
+class ExportedPolicy(nn.Module):
+    """The deterministic policy as one function of the observation, for ONNX: the agent's
+    normalization (if any) is inside it, and Box actions are clipped to the env's bounds."""
+
+    def __init__(self, agent: nn.Module, low: Optional[torch.Tensor], high: Optional[torch.Tensor]):
+        super().__init__()
+        self.agent, self.low, self.high = agent, low, high
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        action = self.agent.deterministic_action(obs)
+        return action if self.low is None else torch.max(torch.min(action, self.high), self.low)
+
+
+def export_onnx(agent: nn.Module, env_id: str, path: str, n_checks: int = 4096) -> str:
+    """Write the deterministic policy as ONNX (input "obs": (B, obs_dim) float32, output "action"),
+    then check that onnxruntime gives the agent's actions on n_checks random observations."""
+    import logging
+
+    import onnxruntime
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # no notes about optional torchvision ops
+    env = gym.make(env_id)
+    space, obs_space = env.action_space, env.observation_space
+    env.close()
+    bounded = isinstance(space, gym.spaces.Box)
+    policy = ExportedPolicy(agent.cpu(), *((torch.as_tensor(space.low), torch.as_tensor(space.high))
+                                           if bounded else (None, None))).eval()
+    with warnings.catch_warnings():  # the exporter's own deprecation notes are not the user's concern
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(policy, (torch.zeros(2, obs_space.shape[0]),), dynamo=True, verbose=False,
+                                    input_names=["obs"], output_names=["action"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+    write_atomically(path, lambda f: f.write(program.model_proto.SerializeToString()))
+    obs_space.seed(0)
+    obs = np.stack([obs_space.sample() for _ in range(n_checks)]).astype(np.float32)
+    got = onnxruntime.InferenceSession(path).run(None, {"obs": obs})[0]
+    with torch.no_grad():
+        expected = policy(torch.from_numpy(obs)).numpy()
+    if bounded:
+        same = np.isclose(got, expected, rtol=1e-4, atol=1e-4).all(-1)
+    else:  # an argmax may flip only where two logits tie to float precision
+        logits = torch.sort(agent.actor(torch.from_numpy(obs)), dim=-1, descending=True)[0].detach().numpy()
+        same = (got == expected) | (logits[:, 0] - logits[:, 1] < 1e-5)
+    if not same.all():
+        raise RunError(f"the exported policy in {path} disagrees with the agent on {int((~same).sum())} of "
+                       f"{n_checks} observations: do not use it", code=1)
+    return (f"exported {path}: observations ({obs_space.shape[0]},) float32 in, actions out; the same actions "
+            f"as the agent on {n_checks} random observations (onnxruntime)")
+
+
 class QuietStream:
     """stdout or stderr that goes quiet instead of raising once its reader is gone (`| head`,
     a closed terminal): printing must never stop a run or lose its checkpoint."""
@@ -1056,13 +1150,13 @@ class QuietStream:
         return getattr(self.stream, name)
 
 
-def report_evaluation(eval_returns: np.ndarray, path: Optional[str], global_step: int) -> None:
+def report_evaluation(eval_returns: np.ndarray, path: Optional[str], global_step: int, **extra) -> None:
     print(f"evaluation: {eval_returns.mean():.1f} +/- {eval_returns.std():.1f} over {len(eval_returns)} "
           "episodes of the deterministic policy", flush=True)
     if path:
         finite = lambda x: float(x) if math.isfinite(x) else None  # noqa: E731  (JSON has no NaN)
         text = json.dumps({"global_step": global_step, "mean": finite(eval_returns.mean()),
-                           "std": finite(eval_returns.std()), "returns": [finite(r) for r in eval_returns]})
+                           "std": finite(eval_returns.std()), "returns": [finite(r) for r in eval_returns], **extra})
         write_atomically(path, lambda f: f.write(text.encode()))
 
 
@@ -1075,6 +1169,16 @@ def prepare(cli: Args, given: set[str]) -> tuple[Args, Optional[dict]]:
         args = args_from_checkpoint(checkpoint, cli, given)
     if (error := check_args(args)) or (error := check_env(args.env_id)):
         raise RunError(error)
+    if args.render and (error := check_display()):
+        raise RunError(error)
+    if args.export:
+        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise RunError(f"--export needs {', '.join(missing)}: pip install -r benchmark/requirements.txt")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.export))):
+            raise RunError(f"--export {args.export}: its folder does not exist")
+    if args.target_return is not None and args.eval_every == 0:
+        args = replace(args, eval_every=max(1, args.num_iterations // 40))
     if error := check_memory(args, *env_shapes(args.env_id)):
         raise RunError(error)
     if checkpoint is not None:
@@ -1099,14 +1203,20 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(cli: Args, argv: list[str]) -> int:
-    args, checkpoint = prepare(cli, explicit_flags(argv))
+    given = explicit_flags(argv)
+    args, checkpoint = prepare(cli, given)
     device = torch.device("cuda" if args.cuda else "cpu")
     if args.eval_checkpoint:
         agent = agent_from_checkpoint(checkpoint, device)
         step, run_dir = checkpoint["global_step"], os.path.dirname(os.path.abspath(args.eval_checkpoint))
-        # Videos only when asked on this command line, not because the run was trained with them.
-        video_dir = os.path.join(run_dir, "videos", f"eval_checkpoint_step_{step}") if cli.capture_video else None
-        report_evaluation(evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir), None, step)
+        if args.render:
+            watch(agent, args.env_id, args.eval_episodes if "eval_episodes" in given else 5, eval_seed(args), device)
+        elif args.export:
+            print(export_onnx(agent, args.env_id, args.export))
+        else:  # videos only when asked on this command line, not because the run was trained with them
+            video_dir = os.path.join(run_dir, "videos", f"eval_checkpoint_step_{step}") if cli.capture_video else None
+            report_evaluation(evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir),
+                              None, step)
         return 0
 
     agent, optimizer = make_agent_and_optimizer(args)
@@ -1151,8 +1261,14 @@ def run(cli: Args, argv: list[str]) -> int:
 
     video_dir = os.path.join(run_dir, "videos", "eval") if args.capture_video else None
     eval_returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir)
+    if progress.target_reached:
+        print(f"--target-return {args.target_return} reached at step {progress.target_reached[0]:,}, after "
+              f"{progress.target_reached[1]:.0f} s of training")
+    reached = progress.target_reached or (None, None)
     try:
-        report_evaluation(eval_returns, os.path.join(run_dir, "evaluation.json"), progress.global_step)
+        report_evaluation(eval_returns, os.path.join(run_dir, "evaluation.json"), progress.global_step,
+                          target_return=args.target_return, target_reached_step=reached[0],
+                          target_reached_seconds=reached[1])
     except OSError as e:
         raise RunError(f"cannot write the evaluation into {run_dir} ({e.strerror or e}); "
                        f"{harness.last_checkpoint()}", code=1) from None
