@@ -40,6 +40,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -130,6 +131,9 @@ class Args:
     """stop the epochs of an iteration early once approx_kl exceeds this (off when unset)"""
     hidden_size: int = 64
     """width of the two hidden layers of the actor and of the critic"""
+    compile: bool = False
+    """compile the minibatch forward pass and loss with torch.compile (needs a C++ compiler; the
+    first iterations pay for compiling; the same results up to float rounding)"""
 
     # Run control: these never change what is learned
     eval_episodes: int = 100
@@ -447,11 +451,24 @@ def make_batch(*, agent: nn.Module, rollout: Rollout, rewards: np.ndarray, gamma
                  value_targets=value_targets.flatten(), values=values)
 
 
-def update(*, agent: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, args: Args) -> dict[str, float]:
+def minibatch_loss(agent: nn.Module, mb: Batch, args: Args):
+    """The forward pass and ppo_loss on one minibatch: (loss, parts). --compile compiles this."""
+    newlogprob, entropy, newvalue = agent.logprob_entropy_value(mb.obs, mb.actions)
+    advantages = mb.advantages
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    return ppo_loss(newlogprob=newlogprob, oldlogprob=mb.logprobs, advantages=advantages, newvalue=newvalue,
+                    oldvalue=mb.values, value_targets=mb.value_targets, entropy=entropy, clip_coef=args.clip_coef,
+                    vf_coef=args.vf_coef, ent_coef=args.ent_coef, clip_vloss=args.clip_vloss)
+
+
+def update(*, agent: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, args: Args,
+           loss_fn=minibatch_loss) -> dict[str, float]:
     """Phase 3: update_epochs passes over the batch in shuffled minibatches, a gradient step each.
 
-    Returns ppo_loss's parts, each averaged over the minibatches of this iteration. Raises
-    Diverged if a loss, a gradient or a weight is no longer finite.
+    loss_fn is minibatch_loss, or its compiled version. Returns ppo_loss's parts, each averaged
+    over the minibatches of this iteration. Raises Diverged if a loss, a gradient or a weight is
+    no longer finite.
     """
     params = list(agent.parameters())
     parts_per_step, grad_norms = [], []
@@ -461,14 +478,7 @@ def update(*, agent: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, 
         shuffled = Batch(*(x[perm] for x in batch))
         for start in range(0, args.batch_size, args.minibatch_size):
             mb = Batch(*(x[start:start + args.minibatch_size] for x in shuffled))
-            newlogprob, entropy, newvalue = agent.logprob_entropy_value(mb.obs, mb.actions)
-            advantages = mb.advantages
-            if args.norm_adv:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            loss, parts = ppo_loss(newlogprob=newlogprob, oldlogprob=mb.logprobs, advantages=advantages,
-                                   newvalue=newvalue, oldvalue=mb.values, value_targets=mb.value_targets,
-                                   entropy=entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef,
-                                   ent_coef=args.ent_coef, clip_vloss=args.clip_vloss)
+            loss, parts = loss_fn(agent, mb, args)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norms.append(nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True))
@@ -625,6 +635,7 @@ def train(args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimiz
     obs, _ = envs.reset(seed=args.seed + iteration * args.num_envs)
     rollout = new_rollout(args.num_steps, args.num_envs, envs.single_observation_space.shape[0], (), np.int64)
     recent_returns = deque(maxlen=20)
+    loss_fn = torch.compile(minibatch_loss) if args.compile else minibatch_loss
     timings = dict(rollout=0.0, batch=0.0, update=0.0, other=0.0)
     start_time = last_save = time.perf_counter()
     try:
@@ -642,7 +653,7 @@ def train(args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimiz
             batch = make_batch(agent=agent, rollout=rollout, rewards=rollout.rewards, gamma=args.gamma,
                                gae_lambda=args.gae_lambda)
             t2 = time.perf_counter()
-            losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args)
+            losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args, loss_fn=loss_fn)
             t3 = time.perf_counter()
             global_step, iteration = global_step + args.batch_size, iteration + 1
 
@@ -1177,6 +1188,10 @@ def prepare(cli: Args, given: set[str]) -> tuple[Args, Optional[dict]]:
             raise RunError(f"--export needs {', '.join(missing)}: pip install -r benchmark/requirements.txt")
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.export))):
             raise RunError(f"--export {args.export}: its folder does not exist")
+    if args.compile and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
+        print("note: --compile needs a C++ compiler and none was found (g++, clang++ or $CXX): "
+              "training without compiling", file=sys.stderr)
+        args = replace(args, compile=False)
     if args.target_return is not None and args.eval_every == 0:
         args = replace(args, eval_every=max(1, args.num_iterations // 40))
     if error := check_memory(args, *env_shapes(args.env_id)):

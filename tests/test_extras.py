@@ -116,3 +116,23 @@ def test_the_readme_onnx_example_runs_as_written(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     exec(compile(example, "README.md", "exec"), {})
     assert re.fullmatch(r"return -?\d+\.\d\n", capsys.readouterr().out)
+
+
+def test_compile_gives_the_eager_weights_up_to_float_rounding(tmp_path):
+    from conftest import ppo_discrete
+
+    weights = []
+    for flags in ([], ["--compile"]):
+        run_dir = trained(ppo_discrete, tmp_path / str(len(flags)), "CartPole-v1", *flags)
+        weights.append(torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"])
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
+
+
+def test_compile_without_a_cpp_compiler_trains_eagerly_with_one_note(script, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(script.shutil, "which", lambda name: None)
+    run_dir = trained(script, tmp_path, FAST_ENV[script.__name__], "--compile")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--compile needs a C++ compiler" in err
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["args"]["compile"] is False
