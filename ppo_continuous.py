@@ -1310,20 +1310,6 @@ def prepare(cli: Args, given: set[str]) -> tuple[Args, Optional[dict]]:
     return args, checkpoint
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    import tyro
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cli = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
-    # One torch thread: for 64-wide layers a second thread costs more in sync than it gains.
-    torch.set_num_threads(1)
-    try:
-        return run(cli, argv)
-    except (RunError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "code", 2)
-
-
 def run(cli: Args, argv: list[str]) -> int:
     given = explicit_flags(argv)
     args, checkpoint = prepare(cli, given)
@@ -1396,6 +1382,20 @@ def run(cli: Args, argv: list[str]) -> int:
                        f"{harness.last_checkpoint()}", code=1) from None
     print(f"run dir: {run_dir}\n  tensorboard --logdir {args.runs_dir}")
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import tyro
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cli = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
+    # One torch thread: for 64-wide layers a second thread costs more in sync than it gains.
+    torch.set_num_threads(1)
+    try:
+        return run(cli, argv)
+    except (RunError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return getattr(e, "code", 2)
 
 
 if __name__ == "__main__":
