@@ -555,7 +555,7 @@ def minibatch_loss(agent: nn.Module, mb: Batch, args: Args):
     """The forward pass and ppo_loss on one minibatch: (loss, parts). --compile compiles this."""
     newlogprob, entropy, newvalue = agent.logprob_entropy_value(mb.obs, mb.actions)
     advantages = mb.advantages
-    if args.norm_adv:
+    if args.norm_adv:  # per minibatch [37-7]
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
     return ppo_loss(newlogprob=newlogprob, oldlogprob=mb.logprobs, advantages=advantages, newvalue=newvalue,
                     oldvalue=mb.values, value_targets=mb.value_targets, entropy=entropy, clip_coef=args.clip_coef,
