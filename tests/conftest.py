@@ -33,3 +33,14 @@ def only_run_dir(tmp_path):
     runs = os.listdir(tmp_path / "runs")
     assert len(runs) == 1, runs
     return tmp_path / "runs" / runs[0]
+
+
+def tiny(script, *extra):
+    """The tiny flags on the script's fast env, plus extra."""
+    return ["--env-id", FAST_ENV[script.__name__], *TINY, *extra]
+
+
+def train_tiny(script, tmp_path, *extra):
+    """A tiny run under tmp_path/runs; its run directory."""
+    assert run_main(script, tiny(script, *extra), tmp_path) == 0
+    return only_run_dir(tmp_path)

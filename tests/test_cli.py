@@ -9,16 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST_ENV, OTHER_KIND_ENV, ROOT, TINY, only_run_dir, run_main
+from conftest import FAST_ENV, OTHER_KIND_ENV, ROOT, TINY, only_run_dir, run_main, tiny, train_tiny
 
-
-def tiny(script, *extra):
-    return ["--env-id", FAST_ENV[script.__name__], *TINY, *extra]
-
-
-def train_tiny(script, tmp_path, *extra):
-    assert run_main(script, tiny(script, *extra), tmp_path) == 0
-    return only_run_dir(tmp_path)
 
 
 def test_tiny_run_writes_events_checkpoint_and_evaluation(script, tmp_path, capsys):

@@ -14,16 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST_ENV, ROOT, TINY, only_run_dir, run_main
+from conftest import FAST_ENV, ROOT, TINY, only_run_dir, run_main, tiny, train_tiny
 
-
-def tiny(script, *extra):
-    return ["--env-id", FAST_ENV[script.__name__], *TINY, *extra]
-
-
-def train_tiny(script, tmp_path, *extra):
-    assert run_main(script, tiny(script, *extra), tmp_path) == 0
-    return only_run_dir(tmp_path)
 
 
 def one_error_line(capsys):
@@ -174,14 +166,13 @@ def test_a_nan_evaluation_still_writes_valid_json(script, tmp_path):
 # ------------------------------------------------------------------ checkpoints
 def damaged(script, tmp_path):
     """(name, checkpoint dict, message) for checkpoints that load but do not hold what the script saves."""
-    good = torch.load(train_tiny(script, tmp_path / "good") / "checkpoint.pt", weights_only=True)
+    good = train_tiny(script, tmp_path / "good") / "checkpoint.pt"
 
     def edit(change):
-        data = torch.load(train_tiny(script, tmp_path / "good") if False else tmp_path / "good.pt", weights_only=True)
+        data = torch.load(good, weights_only=True)
         change(data)
         return data
 
-    torch.save(good, tmp_path / "good.pt")
     cases = [
         ("missing tensor", lambda d: d["model"].pop("critic.0.bias"), "do not fit"),
         ("wrong shape", lambda d: d["model"].__setitem__("actor.2.weight", torch.zeros(3, 3)), "do not fit"),
