@@ -980,7 +980,8 @@ def check_resume(data: dict, args: Args, path: str) -> Optional[str]:
     if not data["resumable"]:
         return (f"{path} is a snapshot (best.pt or a copy of one), not a run's latest state: resuming it "
                 "would rewind the run. Resume its checkpoint.pt, or evaluate it with --eval-checkpoint")
-    step, old_batch = data["global_step"], data["args"]["num_envs"] * data["args"]["num_steps"]
+    old = data["args"]
+    step, old_batch = data["global_step"], old.get("num_envs", args.num_envs) * old.get("num_steps", args.num_steps)
     if args.batch_size != old_batch and (args.total_timesteps - step) % args.batch_size:
         k = max(1, -(-(args.total_timesteps - step) // args.batch_size))  # rounded up
         return (f"the checkpoint is at step {step:,}; batches of {args.batch_size:,} cannot end exactly at "
@@ -1015,7 +1016,10 @@ class Harness(TrainHooks):
     def __call__(self, signum, frame):
         if self.signum:  # a second Ctrl-C: leave at once, without a new checkpoint
             for tmp in list(TEMP_FILES):  # a checkpoint being written: the old one stays intact
-                os.remove(tmp)
+                try:
+                    os.remove(tmp)
+                except OSError:
+                    pass
             print("\nsecond interrupt: exiting without a new checkpoint", file=sys.stderr)
             os._exit(128 + signum)
         self.signum = signum
