@@ -461,24 +461,38 @@ def plot_history(study, cfg, path: str) -> None:
         xs.append(t.number)
         ys.append(best)
     ax1.step(xs, ys, where="post", color="C3", label="best so far")
+    zoom(ax1, [t.value for t in done], maximize)
     ax1.set_xlabel("trial")
     ax1.set_ylabel({"final": "final evaluation", "steps": "env steps to target", "time": "seconds to target"}[cfg.objective])
     ax1.set_title(f"{study.study_name}: optimization history")
     ax1.legend()
     ax1.grid(alpha=0.3)
-    sign = 1 if maximize else -1
+    sign, curves = 1 if maximize else -1, []
     for t in trials:
         if t.intermediate_values:
             steps = sorted(t.intermediate_values)
             color = {TrialState.COMPLETE: "C0", TrialState.PRUNED: "C1"}.get(t.state, "gray")
-            ax2.plot(steps, [sign * t.intermediate_values[s] for s in steps], color=color, alpha=0.6, linewidth=1)
-    ax2.set_xlabel(f"env steps (seed k from {cfg.total_timesteps:,} x (k - 1))")
+            curves += [sign * t.intermediate_values[s] for s in steps]
+            ax2.plot(steps, curves[-len(steps):], color=color, alpha=0.6, linewidth=1)
+    zoom(ax2, curves, True)
+    ax2.set_xlabel(f"env steps (seed k's curve starts at (k - 1) x {cfg.total_timesteps:,})")
     ax2.set_ylabel("periodic evaluation return")
     ax2.set_title("evaluations (blue: complete, orange: pruned, gray: failed)")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def zoom(ax, values: list[float], maximize: bool) -> None:
+    """Keep a few disastrous trials from squashing the rest: cut the axis at the worst decile."""
+    if len(values) >= 10:
+        ordered = sorted(values) if maximize else sorted(values, reverse=True)
+        worst, best = ordered[len(ordered) // 10], ordered[-1]
+        margin = 0.1 * abs(best - worst) or 1.0
+        low, high = (worst - margin, best + margin) if maximize else (best - margin, worst + margin)
+        ax.set_ylim(low, high)
+        ax.text(0.01, 0.01, "axis cut at the worst 10%", transform=ax.transAxes, fontsize=7, color="gray")
 
 
 def write_summary(study, cfg) -> str:
@@ -505,6 +519,7 @@ def write_file(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     with os.fdopen(fd, "w") as f:
         f.write(text + "\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private
     os.replace(tmp, path)
 
 
@@ -689,8 +704,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"study {study.study_name} in {cfg.study_dir}: {cfg.trials} trials, {cfg.workers} at a time here, "
-          f"seeds {cfg.seeds}, searching {', '.join(cfg.space) or 'nothing'}", flush=True)
+    held = len(study.get_trials(deepcopy=False))
+    print(f"study {study.study_name} in {cfg.study_dir} ({held} trials so far): "
+          + (f"{cfg.trials} trials, {cfg.workers} at a time here, seeds {cfg.seeds}, searching "
+             f"{', '.join(cfg.space) or 'nothing'}" if cfg.trials else "the summary only"), flush=True)
 
     tuner = Tuner(cfg, study)
     received = []
