@@ -22,10 +22,8 @@ ENVS = {
         total_timesteps=100_000, seeds=[1, 2, 3], eval_every_steps=10_000,
         anchors=f"{CLEANRL}: 490.0 +/- 6.1 at 500k; {ZOO}: 500.0 +/- 0.0 at 100k"),
     "Acrobot-v1": dict(
-        script="ppo_discrete", config="cleanrl",
-        flags="--num-envs 4 --num-steps 128 --num-minibatches 4 --update-epochs 4 --learning-rate 2.5e-4 "
-              "--gamma 0.99 --gae-lambda 0.95 --clip-vloss",
-        total_timesteps=500_000, seeds=[1, 2, 3], eval_every_steps=50_000,
+        script="ppo_discrete", config="default", flags="",
+        total_timesteps=500_000, seeds=[1, 2, 3], eval_every_steps=49_152,
         anchors=f"{CLEANRL}: -86.4 +/- 1.3 at 500k; {ZOO}: -73.5 +/- 18.2 at 1M"),
     "MountainCar-v0": dict(
         script="ppo_discrete", config="cleanrl",
@@ -39,9 +37,9 @@ ENVS = {
         anchors=f"{ZOO}: 242.1 +/- 31.8 at 1M (LunarLander-v2)"),
     # ---- continuous: ppo_continuous.py ----
     "Pendulum-v1": dict(
-        script="ppo_continuous", config="zoo-no-sde",
+        script="ppo_continuous", config="zoo-no-sde-g0.97",
         flags="--num-envs 4 --num-steps 1024 --num-minibatches 16 --update-epochs 10 --learning-rate 1e-3 "
-              "--gamma 0.9 --gae-lambda 0.95",
+              "--gamma 0.97 --gae-lambda 0.95",
         total_timesteps=200_000, seeds=[1, 2, 3], eval_every_steps=20_000, threshold=-200.0,
         anchors=f"{ZOO} (with gSDE): -172.2 +/- 104.2 at 100k"),
     "MountainCarContinuous-v0": dict(

@@ -71,10 +71,9 @@ def stem(script: str, env_id: str) -> str:
     return f"learning_{script}" if env_id == DEFAULT_ENV[script] else f"learning_{script}_{env_id}"
 
 
-def user_command(script: str, env_id: str, flags: list[str], total: int) -> str:
-    """What a user types to train this configuration (seed 1, the script's default)."""
-    env_flag = [] if env_id == DEFAULT_ENV[script] else ["--env-id", env_id]
-    return shlex.join(["python", f"{script}.py", *env_flag, *strip_periodic(flags), "--total-timesteps", str(total)])
+def user_command(script: str, flags: list[str], total: int) -> str:
+    """What a user types to train this configuration (seed 1, the script's default); flags as saved."""
+    return shlex.join(["python", f"{script}.py", *strip_periodic(flags), "--total-timesteps", str(total)])
 
 
 def strip_periodic(flags: list[str]) -> list[str]:
@@ -146,7 +145,8 @@ def write_report(script: str, env_id: str, results: list[dict], opts) -> str:
         dates = sorted({r.get("date", "2026-11-23") for r in rows})  # runs saved before issue 10: 2026-11-23,
         at_once = sorted({r.get("jobs", 2) for r in rows})               # two at a time
 
-        lines += [f"## {name}", "", f"`{user_command(script, env_id, flags, total)}` plus `--seed N`; "
+        readme = " (the README's command)" if ENVS.get(env_id, {}).get("config") == name else ""
+        lines += [f"## {name}{readme}", "", f"`{user_command(script, flags, total)}` plus `--seed N`; "
                   f"measured {', '.join(dates)}, {' or '.join(map(str, at_once))} run(s) at a time.", "",
                   f"| seed | final evaluation | first step with evaluation >= {level:g} | wall time | steps/s |",
                   "|---:|---:|---:|---:|---:|"]
@@ -174,7 +174,8 @@ def plot(script: str, env_id: str, results: list[dict], path: str) -> None:
         n = min(len(c) for c in curves)
         steps = np.array([s for s, _ in curves[0][:n]])
         values = np.array([[v for _, v in c[:n]] for c in curves])
-        (line,) = ax.plot(steps, np.median(values, 0), label=f"{name} (median of {len(curves)} seeds)")
+        readme = ", the README's" if ENVS.get(env_id, {}).get("config") == name else ""
+        (line,) = ax.plot(steps, np.median(values, 0), label=f"{name} (median of {len(curves)} seeds{readme})")
         ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
     ax.axhline(level, color="gray", linestyle="--", linewidth=1, label=f"threshold ({level:g})")
     ax.set_xlabel("environment steps")
@@ -183,10 +184,15 @@ def plot(script: str, env_id: str, results: list[dict], path: str) -> None:
     if env_id in PLOT_BOTTOM:
         ax.set_ylim(bottom=PLOT_BOTTOM[env_id])
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def span(values: list[float]) -> str:
+    low, high = f"{min(values):.0f}", f"{max(values):.0f}"
+    return low if low == high else f"{low}-{high}"
 
 
 def summary(out: str) -> str:
@@ -213,9 +219,9 @@ def summary(out: str) -> str:
                                             else f"{reached[0]:,}")
         when += "" if len(reached) == len(rows) else f" ({len(reached)} of {len(rows)} seeds)"
         walls, sps = [r["wall"] for r in rows], [r["sps"] for r in rows]
-        lines.append(f"| {env_id} | `{user_command(spec['script'], env_id, rows[0]['flags'], spec['total_timesteps'])}` | "
+        lines.append(f"| {env_id} | `{user_command(spec['script'], rows[0]['flags'], spec['total_timesteps'])}` | "
                      f"{len(rows)} | {statistics.mean(finals):.1f} | {min(finals):.1f} | {level:g} | {when} | "
-                     f"{min(walls):.0f}-{max(walls):.0f} s | {statistics.mean(sps):,.0f} | {spec['anchors']} |")
+                     f"{span(walls)} s | {statistics.mean(sps):,.0f} | {spec['anchors']} |")
     return "\n".join(lines) + "\n"
 
 
