@@ -284,7 +284,7 @@ def main() -> None:
     parser.add_argument("--runs-dir", default=os.path.join(HERE, "out", "runs"))
     opts = parser.parse_args()
     if (opts.script is None) == (opts.envs is None):
-        parser.error("give a SCRIPT or --envs, not both")
+        parser.error("give either SCRIPT or --envs")
 
     if opts.script:
         configs = {} if opts.no_default else {"default": []}
