@@ -1,21 +1,30 @@
-"""Learning quality over several seeds, for one script and one or more flag configurations (issue 5).
+"""Learning quality over several seeds: one script's configurations on one env, or a list of envs (issues 5, 10).
 
     python benchmark/learning.py ppo_discrete                       # defaults, seeds 1-5, 2M steps
     python benchmark/learning.py ppo_continuous --seeds 1 2 3
     python benchmark/learning.py ppo_discrete --config cleanrl "--num-envs 4 --num-steps 128 \\
         --num-minibatches 4 --learning-rate 2.5e-4 --gamma 0.99 --gae-lambda 0.95 --clip-vloss"
+    python benchmark/learning.py ppo_continuous --env-id Pendulum-v1 --no-default --seeds 1 \\
+        --total-timesteps 200000 --config g09 "--gamma 0.9 --num-envs 4"     # a trial on another env
+    python benchmark/learning.py --envs CartPole-v1 Pendulum-v1 --jobs 1    # the README commands
+    python benchmark/learning.py --envs all --jobs 1                        # of every env in envs.py
 
-Each (configuration, seed) is one training process of the script, at most as many at once as
-there are cores, each with one torch thread. Each run evaluates the deterministic policy every
---eval-every-steps (on --periodic-eval-episodes episodes, 20 by default) and, at the end, on 100
-episodes. Writes, under --out:
-  learning_SCRIPT.md   per seed: final mean +/- std, first step with an evaluation mean >= 200,
-                       wall time, steps/s; then the median, mean and worst over seeds
-  learning_SCRIPT.png  evaluation return against env steps: median and min-max band over
-                       seeds, one line per configuration, the 200 line drawn
-  learning_SCRIPT.json every run's figures and curve. A later call reuses the runs found there
-                       with the same configuration name, flags, seed and steps, so adding a
-                       configuration does not repeat the others (--fresh to rerun everything).
+Each (configuration, seed) is one training process of the script, at most --jobs at once (by
+default as many as there are cores), each with one torch thread. Each run evaluates the
+deterministic policy every --eval-every-steps (on --periodic-eval-episodes episodes, 20 by
+default) and, at the end, on 100 episodes. The env's threshold is Gymnasium's `reward_threshold`
+(envs.py gives one where the spec has none). With --envs, each env's command (flags, steps,
+seeds, evaluation interval) comes from benchmark/envs.py. Writes, under --out, per script and env
+(the stem is learning_SCRIPT for the script's default env, learning_SCRIPT_ENV otherwise):
+  STEM.md    per configuration and seed: final mean +/- std, first step with an evaluation mean
+             >= the threshold, wall time, steps/s; then the median, mean and worst over seeds
+  STEM.png   evaluation return against env steps: median and min-max band over seeds, one line
+             per configuration, the threshold drawn
+  STEM.json  every run's figures and curve, for every configuration ever run on that env. A later
+             call reuses the runs found there with the same configuration name, flags, seed, steps
+             and evaluation interval, so adding a configuration or an env does not repeat the
+             others (--fresh to rerun this call's); redefining a configuration's name replaces it.
+and with --envs, other_environments.md: one row per env of envs.py that has its runs.
 """
 
 from __future__ import annotations
@@ -33,7 +42,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-SOLVED = 200.0
+sys.path.insert(0, HERE)
+from envs import ENVS  # noqa: E402
+
+DEFAULT_ENV = {"ppo_discrete": "LunarLander-v3", "ppo_continuous": "LunarLanderContinuous-v3"}
+PLOT_BOTTOM = {"LunarLander-v3": -300, "LunarLanderContinuous-v3": -300}
 
 
 def batch_size(script: str, flags: list[str]) -> int:
@@ -44,7 +57,40 @@ def batch_size(script: str, flags: list[str]) -> int:
     return tyro.cli(module.Args, args=flags).batch_size
 
 
-def run_one(script: str, config: str, flags: list[str], seed: int, total: int, eval_every: int, runs_dir: str) -> dict:
+def threshold(env_id: str) -> float:
+    """Gymnasium's reward_threshold, or the one envs.py sets where the spec has none."""
+    import gymnasium as gym
+
+    value = ENVS.get(env_id, {}).get("threshold", gym.spec(env_id).reward_threshold)
+    if value is None:
+        raise SystemExit(f"{env_id} has no reward_threshold: give one in benchmark/envs.py")
+    return float(value)
+
+
+def stem(script: str, env_id: str) -> str:
+    return f"learning_{script}" if env_id == DEFAULT_ENV[script] else f"learning_{script}_{env_id}"
+
+
+def user_command(script: str, flags: list[str], total: int) -> str:
+    """What a user types to train this configuration (seed 1, the script's default); flags as saved."""
+    return shlex.join(["python", f"{script}.py", *strip_periodic(flags), "--total-timesteps", str(total)])
+
+
+def strip_periodic(flags: list[str]) -> list[str]:
+    """The flags without the benchmark's own --periodic-eval-episodes N."""
+    out, skip = [], False
+    for flag in flags:
+        if skip:
+            skip = False
+        elif flag == "--periodic-eval-episodes":
+            skip = True
+        else:
+            out.append(flag)
+    return out
+
+
+def run_one(script: str, config: str, flags: list[str], seed: int, total: int, eval_every: int, runs_dir: str,
+            jobs: int) -> dict:
     cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags, "--seed", str(seed), "--total-timesteps",
            str(total), "--eval-every", str(eval_every), "--runs-dir", runs_dir, "--exp-name", config,
            "--print-every", "60"]
@@ -60,8 +106,8 @@ def run_one(script: str, config: str, flags: list[str], seed: int, total: int, e
     curve = eval_curve(run_dir)
     print(f"{config} seed {seed}: {final['mean']:.1f} +/- {final['std']:.1f} in {wall:.0f} s", flush=True)
     return {"config": config, "flags": flags, "seed": seed, "total_timesteps": total, "eval_every": eval_every,
-            "final": final, "curve": curve, "wall": wall,
-            "sps": final["global_step"] / wall, "command": shlex.join(["python", f"{script}.py", *cmd[2:]])}
+            "final": final, "curve": curve, "wall": wall, "sps": final["global_step"] / wall,
+            "date": time.strftime("%Y-%m-%d"), "jobs": jobs, "command": shlex.join(["python", f"{script}.py", *cmd[2:]])}
 
 
 def eval_curve(run_dir: str) -> list[tuple[int, float]]:
@@ -71,110 +117,193 @@ def eval_curve(run_dir: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars("eval/mean_return")]
 
 
-def first_solved(curve) -> int | None:
-    return next((step for step, value in curve if value >= SOLVED), None)
+def first_reached(curve, level: float) -> int | None:
+    return next((step for step, value in curve if value >= level), None)
 
 
-def write_report(script: str, results: list[dict], configs: dict, opts) -> str:
-    lines = [f"# {script}.py: learning over {len(opts.seeds)} seeds", "",
-             f"Measured {time.strftime('%Y-%m-%d')} on {platform.node() or 'this machine'} ({os.cpu_count()} CPU cores, "
-             f"Python {platform.python_version()}), {min(opts.jobs, os.cpu_count())} runs at a time, one torch thread "
-             f"each; {opts.total_timesteps:,} steps; final evaluation: 100 episodes of the deterministic policy; "
-             f"curve: {opts.periodic_eval_episodes}-episode evaluations every {opts.eval_every_steps:,} steps.", "",
-             f"Command: `python benchmark/learning.py {script} --seeds {' '.join(map(str, opts.seeds))} "
-             f"--total-timesteps {opts.total_timesteps}"
-             + "".join(f" --config {name} \"{' '.join(flags)}\"" for name, flags in configs.items() if name != "default")
-             + "`", ""]
-    for name, flags in configs.items():
-        rows = sorted((r for r in results if r["config"] == name), key=lambda r: r["seed"])
+def by_config(results: list[dict]) -> dict[str, list[dict]]:
+    """The runs grouped by configuration, in the order the configurations first appear."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["config"], []).append(r)
+    return {name: sorted(rows, key=lambda r: r["seed"]) for name, rows in groups.items()}
+
+
+def write_report(script: str, env_id: str, results: list[dict], opts) -> str:
+    level = threshold(env_id)
+    lines = [f"# {script}.py on {env_id}: learning over several seeds", "",
+             f"Machine: {platform.node() or 'this machine'} ({os.cpu_count()} CPU cores, Python "
+             f"{platform.python_version()}), one torch thread per run. Final evaluation: 100 episodes of the "
+             f"deterministic policy; curve: {opts.periodic_eval_episodes}-episode evaluations during training. "
+             f"Threshold: {level:g} ({'benchmark/envs.py' if 'threshold' in ENVS.get(env_id, {}) else 'Gymnasium'}"
+             f"'s reward_threshold). Wall time covers training, the periodic and the final evaluations and "
+             f"the start of the process; steps/s is training steps over that wall time.", ""]
+    for name, rows in by_config(results).items():
+        flags, total = rows[0]["flags"], rows[0]["total_timesteps"]
         finals = [r["final"]["mean"] for r in rows]
-        solved = [first_solved(r["curve"]) for r in rows]
-        lines += [f"## {name}: `{' '.join(flags) or '(script defaults)'}`", "",
-                  "| seed | final evaluation | first step with evaluation >= 200 | wall time | steps/s |",
+        reached = [first_reached(r["curve"], level) for r in rows]
+        dates = sorted({r.get("date", "2026-11-23") for r in rows})  # runs saved before issue 10: 2026-11-23,
+        at_once = sorted({r.get("jobs", 2) for r in rows})               # two at a time
+
+        readme = " (the README's command)" if ENVS.get(env_id, {}).get("config") == name else ""
+        lines += [f"## {name}{readme}", "", f"`{user_command(script, flags, total)}` plus `--seed N`; "
+                  f"measured {', '.join(dates)}, {' or '.join(map(str, at_once))} run(s) at a time.", "",
+                  f"| seed | final evaluation | first step with evaluation >= {level:g} | wall time | steps/s |",
                   "|---:|---:|---:|---:|---:|"]
-        for r, s in zip(rows, solved):
+        for r, s in zip(rows, reached):
             lines.append(f"| {r['seed']} | {r['final']['mean']:.1f} +/- {r['final']['std']:.1f} | "
                          f"{'never' if s is None else f'{s:,}'} | {r['wall']:.0f} s | {r['sps']:,.0f} |")
         lines += ["", f"Median of the final means {statistics.median(finals):.1f}, mean {statistics.mean(finals):.1f}, "
-                  f"worst {min(finals):.1f}; seeds reaching 200 by 1,000,000 steps: "
-                  f"{sum(s is not None and s <= 1_000_000 for s in solved)} of {len(rows)}.", ""]
+                  f"worst {min(finals):.1f}; seeds reaching {level:g}: {sum(s is not None for s in reached)} of "
+                  f"{len(rows)}" + (f" ({sum(s is not None and s <= total // 2 for s in reached)} by "
+                                    f"{total // 2:,} steps)." if len(rows) else "."), ""]
     return "\n".join(lines)
 
 
-def plot(script: str, results: list[dict], configs: dict, path: str) -> None:
+def plot(script: str, env_id: str, results: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    level = threshold(env_id)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name in configs:
-        curves = [r["curve"] for r in results if r["config"] == name]
+    for name, rows in by_config(results).items():
+        curves = [r["curve"] for r in rows]
         n = min(len(c) for c in curves)
         steps = np.array([s for s, _ in curves[0][:n]])
         values = np.array([[v for _, v in c[:n]] for c in curves])
-        (line,) = ax.plot(steps, np.median(values, 0), label=f"{name} (median of {len(curves)} seeds)")
+        readme = ", the README's" if ENVS.get(env_id, {}).get("config") == name else ""
+        (line,) = ax.plot(steps, np.median(values, 0), label=f"{name} (median of {len(curves)} seeds{readme})")
         ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
-    ax.axhline(SOLVED, color="gray", linestyle="--", linewidth=1, label="solved (200)")
+    ax.axhline(level, color="gray", linestyle="--", linewidth=1, label=f"threshold ({level:g})")
     ax.set_xlabel("environment steps")
     ax.set_ylabel("deterministic evaluation return")
-    ax.set_title(f"{script}.py: median and min-max over seeds")
-    ax.set_ylim(bottom=-300)
+    ax.set_title(f"{script}.py on {env_id}: median and min-max over seeds")
+    if env_id in PLOT_BOTTOM:
+        ax.set_ylim(bottom=PLOT_BOTTOM[env_id])
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def span(values: list[float]) -> str:
+    low, high = f"{min(values):.0f}", f"{max(values):.0f}"
+    return low if low == high else f"{low}-{high}"
+
+
+def summary(out: str) -> str:
+    """One row per env of envs.py whose README configuration has all its seeds saved."""
+    lines = ["# Other environments: the README command of each env", "",
+             "Written by `python benchmark/learning.py --envs ...` from the per-env files beside this one. "
+             "First step at the threshold: the first 20-episode periodic evaluation whose mean reached it "
+             "(range over the seeds that did). Wall time per run includes the periodic evaluations.", "",
+             "| env | command | seeds | final mean | worst seed | threshold | first step at threshold | "
+             "wall time per run | steps/s | anchors |", "|---|---|---:|---:|---:|---:|---|---:|---:|---|"]
+    for env_id, spec in ENVS.items():
+        path = os.path.join(out, f"{stem(spec['script'], env_id)}.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            rows = [r for r in json.load(f) if r["config"] == spec["config"] and r["seed"] in spec["seeds"]
+                    and r["total_timesteps"] == spec["total_timesteps"]]
+        if {r["seed"] for r in rows} != set(spec["seeds"]):
+            continue
+        level = threshold(env_id)
+        finals = [r["final"]["mean"] for r in rows]
+        reached = [s for s in (first_reached(r["curve"], level) for r in rows) if s is not None]
+        when = "never" if not reached else (f"{min(reached):,}-{max(reached):,}" if min(reached) != max(reached)
+                                            else f"{reached[0]:,}")
+        when += "" if len(reached) == len(rows) else f" ({len(reached)} of {len(rows)} seeds)"
+        walls, sps = [r["wall"] for r in rows], [r["sps"] for r in rows]
+        lines.append(f"| {env_id} | `{user_command(spec['script'], rows[0]['flags'], spec['total_timesteps'])}` | "
+                     f"{len(rows)} | {statistics.mean(finals):.1f} | {min(finals):.1f} | {level:g} | {when} | "
+                     f"{span(walls)} s | {statistics.mean(sps):,.0f} | {spec['anchors']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_configs(script: str, env_id: str, configs: dict, seeds: list[int], total: int, opts) -> None:
+    """Train what is not saved yet, merge it into the env's file and rewrite its table and plot."""
+    saved_path = os.path.join(opts.out, f"{stem(script, env_id)}.json")
+    saved = []
+    if os.path.exists(saved_path):
+        with open(saved_path) as f:
+            saved = json.load(f)
+    env_flags = [] if env_id == DEFAULT_ENV[script] else ["--env-id", env_id]
+    jobs, keep = [], []
+    at_once = max(1, min(opts.jobs, os.cpu_count()))
+    for name, flags in configs.items():
+        flags = [*env_flags, *flags, "--periodic-eval-episodes", str(opts.periodic_eval_episodes)]
+        every = max(1, round(opts.eval_every_steps / batch_size(script, flags)))
+        for seed in seeds:
+            old = [r for r in saved if (r["config"], r.get("flags"), r["seed"], r.get("total_timesteps"),
+                                        r.get("eval_every")) == (name, flags, seed, total, every)]
+            if old and not opts.fresh:
+                print(f"{env_id} {name} seed {seed}: reusing the saved run ({old[0]['final']['mean']:.1f})", flush=True)
+                keep.append(old[0])
+            else:
+                jobs.append((script, name, flags, seed, total, every, opts.runs_dir, at_once))
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
+        new = list(pool.map(lambda job: run_one(*job), jobs))
+    # A configuration named in this call keeps only its runs of this call; the others stay as saved.
+    order = list(dict.fromkeys([r["config"] for r in saved] + list(configs)))
+    results = [r for r in saved if r["config"] not in configs] + keep + new
+    results.sort(key=lambda r: (order.index(r["config"]), r["seed"]))
+    os.makedirs(opts.out, exist_ok=True)
+    with open(saved_path, "w") as f:
+        json.dump(results, f)
+    report = write_report(script, env_id, results, opts)
+    base = stem(script, env_id)
+    plot(script, env_id, results, os.path.join(opts.out, f"{base}.png"))
+    with open(os.path.join(opts.out, f"{base}.md"), "w") as f:
+        f.write(report + f"\n![evaluation curves]({base}.png)\n")
+    print("\n" + report, flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("script", choices=["ppo_discrete", "ppo_continuous"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    parser.add_argument("--total-timesteps", type=int, default=2_000_000)
-    parser.add_argument("--eval-every-steps", type=int, default=100_000, help="about this often (whole iterations)")
+    parser.add_argument("script", nargs="?", choices=["ppo_discrete", "ppo_continuous"],
+                        help="compare configurations of this script on one env (not with --envs)")
+    parser.add_argument("--env-id", help="the env for SCRIPT (default: its default env, Lunar Lander)")
+    parser.add_argument("--envs", nargs="+", metavar="ENV",
+                        help="run the README command of each of these envs from benchmark/envs.py ('all': every one)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="(not with --envs)")
+    parser.add_argument("--total-timesteps", type=int, default=2_000_000, help="(not with --envs)")
+    parser.add_argument("--eval-every-steps", type=int, default=100_000,
+                        help="about this often (whole iterations; not with --envs)")
     parser.add_argument("--periodic-eval-episodes", type=int, default=20)
     parser.add_argument("--config", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
                         help="another configuration to compare with the defaults; repeatable")
     parser.add_argument("--no-default", action="store_true", help="run only the --config configurations")
-    parser.add_argument("--fresh", action="store_true", help="rerun every run, ignoring the saved ones")
+    parser.add_argument("--fresh", action="store_true", help="rerun this call's runs, ignoring the saved ones")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="runs at once (at most the cores)")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--runs-dir", default=os.path.join(HERE, "out", "runs"))
     opts = parser.parse_args()
+    if (opts.script is None) == (opts.envs is None):
+        parser.error("give either SCRIPT or --envs")
 
-    configs = {} if opts.no_default else {"default": []}
-    configs.update({name: shlex.split(flags) for name, flags in opts.config})
-    saved_path = os.path.join(opts.out, f"learning_{opts.script}.json")
-    saved = []
-    if os.path.exists(saved_path) and not opts.fresh:
-        with open(saved_path) as f:
-            saved = json.load(f)
-    jobs, results = [], []
-    for name, flags in configs.items():
-        flags = [*flags, "--periodic-eval-episodes", str(opts.periodic_eval_episodes)]
-        every = max(1, round(opts.eval_every_steps / batch_size(opts.script, flags)))
-        for seed in opts.seeds:
-            job = (opts.script, name, flags, seed, opts.total_timesteps, every, opts.runs_dir)
-            old = [r for r in saved if (r["config"], r.get("flags"), r["seed"], r.get("total_timesteps"),
-                                        r.get("eval_every")) == (name, flags, seed, opts.total_timesteps, every)]
-            if old:
-                print(f"{name} seed {seed}: reusing the saved run ({old[0]['final']['mean']:.1f})", flush=True)
-                results.append(old[0])
-            else:
-                jobs.append(job)
-    with ThreadPoolExecutor(max_workers=min(opts.jobs, os.cpu_count())) as pool:
-        results += list(pool.map(lambda job: run_one(*job), jobs))
-
-    os.makedirs(opts.out, exist_ok=True)
-    report = write_report(opts.script, results, configs, opts)
-    md, png = (os.path.join(opts.out, f"learning_{opts.script}.{ext}") for ext in ("md", "png"))
-    plot(opts.script, results, configs, png)
-    with open(md, "w") as f:
-        f.write(report + f"\n![evaluation curves](learning_{opts.script}.png)\n")
-    with open(os.path.join(opts.out, f"learning_{opts.script}.json"), "w") as f:
-        json.dump(results, f)
-    print("\n" + report)
+    if opts.script:
+        configs = {} if opts.no_default else {"default": []}
+        configs.update({name: shlex.split(flags) for name, flags in opts.config})
+        env_id = opts.env_id or DEFAULT_ENV[opts.script]
+        run_configs(opts.script, env_id, configs, opts.seeds, opts.total_timesteps, opts)
+        return
+    env_ids = list(ENVS) if opts.envs == ["all"] else opts.envs
+    unknown = [e for e in env_ids if e not in ENVS]
+    if unknown:
+        parser.error(f"not in benchmark/envs.py: {', '.join(unknown)}")
+    for env_id in env_ids:
+        spec = ENVS[env_id]
+        opts.eval_every_steps = spec["eval_every_steps"]
+        run_configs(spec["script"], env_id, {spec["config"]: shlex.split(spec["flags"])}, spec["seeds"],
+                    spec["total_timesteps"], opts)
+    with open(os.path.join(opts.out, "other_environments.md"), "w") as f:
+        f.write(summary(opts.out))
+    print(summary(opts.out))
 
 
 if __name__ == "__main__":
