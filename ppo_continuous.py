@@ -1,8 +1,10 @@
-"""PPO for continuous actions, in one file: LunarLanderContinuous-v3 by default.
+r"""PPO for continuous actions, in one file: LunarLanderContinuous-v3 by default.
 
 Usage
     python ppo_continuous.py --total-timesteps 2000000        # train, checkpoint, then evaluate
-    python ppo_continuous.py --env-id Pendulum-v1 --total-timesteps 200000
+    python ppo_continuous.py --env-id Pendulum-v1 --num-envs 4 --num-steps 1024 --num-minibatches 16 \
+        --update-epochs 10 --learning-rate 1e-3 --gamma 0.97 --gae-lambda 0.95 \
+        --total-timesteps 200000                                 # about -160 (a good swing-up)
     python ppo_continuous.py --eval-checkpoint runs/RUN/checkpoint.pt --capture-video
     python ppo_continuous.py --resume runs/RUN/checkpoint.pt  # continue an interrupted run
     python ppo_continuous.py --help                          # every flag, with its meaning
