@@ -237,6 +237,7 @@ class Tuner:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            proc.stdout.close()
             with self.lock:
                 self.procs.discard(proc)
         wall = time.perf_counter() - start
