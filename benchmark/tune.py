@@ -8,7 +8,7 @@
 Every trial runs the script as a subprocess (OMP_NUM_THREADS=1) on --seeds seeds, one after the
 other, and reads its stdout as it comes: the script's periodic deterministic evaluations
 (--eval-every) are reported to Optuna, and a trial whose curve falls below the median of the
-earlier trials at the same step is stopped (SIGTERM) and recorded as pruned. Any flag of the
+complete trials at the same step is stopped (SIGTERM) and recorded as pruned. Any flag of the
 script given here (--env-id, --total-timesteps, --num-envs, ...) is passed to every trial and,
 if it names a searched hyperparameter, takes it out of the search.
 
@@ -237,6 +237,7 @@ class Tuner:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            proc.stdout.close()
             with self.lock:
                 self.procs.discard(proc)
         wall = time.perf_counter() - start

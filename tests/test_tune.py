@@ -81,7 +81,7 @@ def test_interrupted_study_continues(tmp_path):
     proc = start(tmp_path, "--trials", "1")
     read_until(proc, "trial 1 started")
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert states(tmp_path) == [TrialState.FAIL, TrialState.RUNNING]
 
     proc = start(tmp_path, "--trials", "1")
