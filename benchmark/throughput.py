@@ -12,8 +12,9 @@ For each script, at fixed hyperparameters, in one process with one torch thread:
 and the split of training time into the phases of an iteration (collecting the rollout, env
 steps included; building the batch; the update), from the timings train() returns. Each figure is the median over the repetitions, raw and train
 alternating so that both see the same machine state. With --compile, each repetition also trains
-with --compile twice in the same process: the first run pays for compiling, the second reuses
-the compiled code (its steady speed); the difference of their wall times is the compile time, and
+with --compile twice in the same process: the first run compiles from nothing (no code compiled
+earlier in the process, Inductor's on-disk caches off), the second reuses the compiled code (its
+steady speed); the difference of their wall times is the compile time, and
 compile time / (eager seconds per step - compiled seconds per step) is the run length in steps
 from which compiling pays back. Writes a markdown table (--out).
 """
@@ -67,6 +68,18 @@ def train_sps(script, args) -> tuple[float, dict]:
     return progress.global_step / elapsed, timings
 
 
+def cold_compile() -> None:
+    """Make the next torch.compile start from nothing, as a user's first run does: no code
+    compiled earlier in this process, and no graphs from Inductor's on-disk caches."""
+    import torch._dynamo
+    import torch._functorch.config
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200_000, help="env steps per measurement")
@@ -94,6 +107,7 @@ def main() -> None:
             print(f"{name} rep {rep + 1}: raw {raws[-1]:,.0f} steps/s, train {sps:,.0f} steps/s", flush=True)
             if opts.compile:
                 cargs = replace(args, compile=True)
+                cold_compile()
                 cold, _ = train_sps(script, cargs)
                 warm, _ = train_sps(script, cargs)
                 compile_s = opts.steps / cold - opts.steps / warm
