@@ -117,27 +117,6 @@ def test_checkpoint_write_is_atomic(script, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ bad input: one line, exit 2
-BAD_FLAGS = [
-    (["--num-envs", "0"], "--num-envs must be positive"),
-    (["--num-steps", "-3"], "--num-steps must be positive"),
-    (["--learning-rate", "0"], "--learning-rate must be positive"),
-    (["--num-minibatches", "3"], "does not split into 3 equal minibatches"),
-    (["--total-timesteps", "10"], "less than one batch"),
-    (["--gamma", "1.5"], "--gamma must lie in [0, 1]"),
-    (["--gae-lambda", "-0.1"], "--gae-lambda must lie in [0, 1]"),
-    (["--num-envs", "1", "--num-steps", "4", "--num-minibatches", "4"], "cannot normalize advantages"),
-    (["--env-id", "NoSuchEnv-v0"], "cannot make env 'NoSuchEnv-v0'"),
-]
-
-
-@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f[0][:2]) for f in BAD_FLAGS])
-def test_bad_flags_exit_2_with_one_line(script, tmp_path, capsys, flags, message):
-    assert run_main(script, [*TINY, *flags], tmp_path) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1 and err.startswith("error: ")
-    assert not os.path.exists(tmp_path / "runs")  # nothing created
-
-
 def test_env_of_the_other_action_kind_points_to_the_twin(script, tmp_path, capsys):
     assert run_main(script, [*TINY, "--env-id", OTHER_KIND_ENV[script.__name__]], tmp_path) == 2
     twin = "ppo_continuous.py" if script.__name__ == "ppo_discrete" else "ppo_discrete.py"

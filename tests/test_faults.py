@@ -24,8 +24,17 @@ def one_error_line(capsys):
     return err
 
 
-# ------------------------------------------------------------------ flags that cannot train
+# ------------------------------------------------------------------ flags that cannot train (one line, exit 2)
 UNTRAINABLE = [
+    (["--num-envs", "0"], "--num-envs must be positive"),
+    (["--num-steps", "-3"], "--num-steps must be positive"),
+    (["--learning-rate", "0"], "--learning-rate must be positive"),
+    (["--num-minibatches", "3"], "does not split into 3 equal minibatches"),
+    (["--total-timesteps", "10"], "less than one batch"),
+    (["--gamma", "1.5"], "--gamma must lie in [0, 1]"),
+    (["--gae-lambda", "-0.1"], "--gae-lambda must lie in [0, 1]"),
+    (["--num-envs", "1", "--num-steps", "4", "--num-minibatches", "4"], "cannot normalize advantages"),
+    (["--env-id", "NoSuchEnv-v0"], "cannot make env 'NoSuchEnv-v0'"),
     (["--learning-rate", "inf"], "--learning-rate must be a finite number"),
     (["--ent-coef", "nan"], "--ent-coef must be a finite number"),
     (["--vf-coef", "nan"], "--vf-coef must be a finite number"),
