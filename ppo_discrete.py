@@ -131,9 +131,13 @@ class Args:
     """stop the epochs of an iteration early once approx_kl exceeds this (off when unset)"""
     hidden_size: int = 64
     """width of the two hidden layers of the actor and of the critic"""
-    compile: bool = False
-    """compile the minibatch forward pass and loss with torch.compile (needs a C++ compiler; the
-    first iterations pay for compiling; the same results up to float rounding)"""
+    # On by default for long runs: a compiled gradient step costs about a quarter of an eager one
+    # on a CPU, and compiling (seconds, once per process) pays back within a few iterations
+    # (benchmark/RESULTS.md). Runs too short to pay it back train eagerly unless the flag is given.
+    compile: bool = True
+    """compile the gradient step with torch.compile in runs of 20,000 gradient steps or
+    more, or whenever --compile is given (needs a C++ compiler: without one it trains eagerly);
+    the same results up to float rounding"""
 
     # Run control: these never change what is learned
     eval_episodes: int = 100
@@ -452,7 +456,7 @@ def make_batch(*, agent: nn.Module, rollout: Rollout, rewards: np.ndarray, gamma
 
 
 def minibatch_loss(agent: nn.Module, mb: Batch, args: Args):
-    """The forward pass and ppo_loss on one minibatch: (loss, parts). --compile compiles this."""
+    """The forward pass and ppo_loss on one minibatch: (loss, parts)."""
     newlogprob, entropy, newvalue = agent.logprob_entropy_value(mb.obs, mb.actions)
     advantages = mb.advantages
     if args.norm_adv:  # per minibatch [37-7]
@@ -462,11 +466,62 @@ def minibatch_loss(agent: nn.Module, mb: Batch, args: Args):
                     vf_coef=args.vf_coef, ent_coef=args.ent_coef, clip_vloss=args.clip_vloss)
 
 
+def gradient_step(*, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Batch, args: Args):
+    """One gradient step on one minibatch: the loss, its gradient, clipping to a global norm of
+    max_grad_norm [37-11], then Adam. Returns (the gradient norm before clipping, ppo_loss's parts)."""
+    loss, parts = minibatch_loss(agent, mb, args)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+    optimizer.step()
+    return grad_norm, parts
+
+
+def compile_gradient_step(agent: nn.Module, optimizer: torch.optim.Optimizer, args: Args):
+    """gradient_step as one compiled graph (--compile): called the same way, the same arithmetic
+    up to float rounding, about a quarter of the time on a CPU (benchmark/RESULTS.md).
+
+    On 64-row minibatches nearly all of an eager step is PyTorch's fixed cost per operation: some
+    hundreds of them (forward, backward, clipping, Adam), a few microseconds each. torch.compile
+    turns them into one call of generated C++. For one graph to hold the whole step, the
+    gradients come from torch.autograd.grad instead of backward(), and Adam runs as torch.optim's
+    functional adam() on the optimizer's own state (a checkpoint cannot tell the two paths apart),
+    with the learning rate passed as a tensor so that annealing it does not recompile the graph.
+    """
+    from torch.optim.adam import adam  # the arithmetic of torch.optim.Adam, as a function
+
+    torch._dynamo.config.trace_autograd_ops = True  # lets the graph hold torch.autograd.grad
+    params = list(agent.parameters())
+    group = optimizer.param_groups[0]
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def step(mb: Batch, lr: torch.Tensor):
+        loss, parts = minibatch_loss(agent, mb, args)
+        grads = torch.autograd.grad(loss, params)
+        # clip_grad_norm_'s arithmetic: the norm of all gradients as one vector, scaled down to
+        # max_grad_norm when it is larger
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        grads = [g * (args.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0) for g in grads]
+        state = [optimizer.state[p] for p in params]
+        with torch.no_grad():
+            adam(params, grads, [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [],
+                 [s["step"] for s in state], amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
+                 lr=lr, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        return grad_norm, parts
+
+    def compiled_step(*, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Batch, args: Args):
+        if not optimizer.state:  # Adam creates its state in its first step: that one runs eagerly
+            return gradient_step(agent=agent, optimizer=optimizer, mb=mb, args=args)
+        return step(mb, torch.tensor(group["lr"], device=mb.obs.device))
+
+    return compiled_step
+
+
 def update(*, agent: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, args: Args,
-           loss_fn=minibatch_loss) -> dict[str, float]:
+           step_fn=gradient_step) -> dict[str, float]:
     """Phase 3: update_epochs passes over the batch in shuffled minibatches, a gradient step each.
 
-    loss_fn is minibatch_loss, or its compiled version. Returns ppo_loss's parts, each averaged
+    step_fn is gradient_step, or its compiled version. Returns ppo_loss's parts, each averaged
     over the minibatches of this iteration. Raises Diverged if a loss, a gradient or a weight is
     no longer finite.
     """
@@ -478,11 +533,8 @@ def update(*, agent: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, 
         shuffled = Batch(*(x[perm] for x in batch))
         for start in range(0, args.batch_size, args.minibatch_size):
             mb = Batch(*(x[start:start + args.minibatch_size] for x in shuffled))
-            loss, parts = loss_fn(agent, mb, args)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norms.append(nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True))
-            optimizer.step()
+            grad_norm, parts = step_fn(agent=agent, optimizer=optimizer, mb=mb, args=args)
+            grad_norms.append(grad_norm)
             parts_per_step.append(torch.stack(list(parts.values())))
         # Early stopping on the KL of the last minibatch [37-12]; .item() waits for the device.
         if args.target_kl is not None and parts["approx_kl"].item() > args.target_kl:
@@ -635,7 +687,7 @@ def train(args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimiz
     obs, _ = envs.reset(seed=args.seed + iteration * args.num_envs)
     rollout = new_rollout(args.num_steps, args.num_envs, envs.single_observation_space.shape[0], (), np.int64)
     recent_returns = deque(maxlen=20)
-    loss_fn = torch.compile(minibatch_loss) if args.compile else minibatch_loss
+    step_fn = compile_gradient_step(agent, optimizer, args) if args.compile else gradient_step
     timings = dict(rollout=0.0, batch=0.0, update=0.0, other=0.0)
     start_time = last_save = time.perf_counter()
     try:
@@ -653,7 +705,7 @@ def train(args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimiz
             batch = make_batch(agent=agent, rollout=rollout, rewards=rollout.rewards, gamma=args.gamma,
                                gae_lambda=args.gae_lambda)
             t2 = time.perf_counter()
-            losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args, loss_fn=loss_fn)
+            losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args, step_fn=step_fn)
             t3 = time.perf_counter()
             global_step, iteration = global_step + args.batch_size, iteration + 1
 
@@ -1175,6 +1227,15 @@ def report_evaluation(eval_returns: np.ndarray, path: Optional[str], global_step
         write_atomically(path, lambda f: f.write(text.encode()))
 
 
+# Below this many gradient steps a run trains eagerly unless --compile is given: compiling from
+# nothing took about 10 s, and saved about 0.7 ms per gradient step (benchmark/RESULTS.md).
+COMPILE_MIN_STEPS = 20_000
+
+
+def gradient_steps(args: Args) -> int:
+    return args.num_iterations * args.update_epochs * args.num_minibatches
+
+
 def prepare(cli: Args, given: set[str]) -> tuple[Args, Optional[dict]]:
     """The flags to run with and the checkpoint to start from, checked (run() checks a resume's
     optimizer state and steps left); else RunError or CheckpointError, before anything is written."""
@@ -1192,9 +1253,12 @@ def prepare(cli: Args, given: set[str]) -> tuple[Args, Optional[dict]]:
             raise RunError(f"--export needs {', '.join(missing)}: pip install -r benchmark/requirements.txt")
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.export))):
             raise RunError(f"--export {args.export}: its folder does not exist")
-    if args.compile and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))):
-        print("note: --compile needs a C++ compiler and none was found (g++, clang++ or $CXX): "
-              "training without compiling", file=sys.stderr)
+    if args.compile and "compile" not in given and (args.cuda or gradient_steps(args) < COMPILE_MIN_STEPS):
+        args = replace(args, compile=False)  # too short a run to pay for compiling (or on a GPU: untried)
+    if (args.compile and not args.eval_checkpoint
+            and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++")))):
+        print("note: compiling the gradient step needs a C++ compiler and none was found (g++, clang++ or "
+              "$CXX): training without compiling (--no-compile: without this note)", file=sys.stderr)
         args = replace(args, compile=False)
     if args.target_return is not None and args.eval_every == 0:
         args = replace(args, eval_every=max(1, args.num_iterations // 40))
@@ -1240,6 +1304,8 @@ def run(cli: Args, argv: list[str]) -> int:
             raise RunError(f"cannot create the run directory ({e}): pick another --runs-dir or --exp-name") from None
     print(f"{SCRIPT}: {args.env_id}, {args.batch_size}-step batches ({args.num_envs} envs x {args.num_steps} "
           f"steps) to step {final_step(args, start.global_step):,}, minibatch {args.minibatch_size}, run dir {run_dir}")
+    if args.compile:
+        print("compiling the gradient step (torch.compile): the first iterations take some seconds longer")
 
     harness = Harness(args, run_dir, agent, optimizer, start)
     signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])

@@ -118,15 +118,32 @@ def test_the_readme_onnx_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert re.fullmatch(r"return -?\d+\.\d\n", capsys.readouterr().out)
 
 
-def test_compile_gives_the_eager_weights_up_to_float_rounding(tmp_path):
-    from conftest import ppo_discrete
+def test_compile_gives_the_eager_weights_and_adam_state_up_to_float_rounding(script, tmp_path):
+    saved = []
+    for flags in (["--no-compile"], ["--compile"]):
+        run_dir = trained(script, tmp_path / flags[0], FAST_ENV[script.__name__], *flags)
+        saved.append(torch.load(run_dir / "checkpoint.pt", weights_only=True))
+    eager, compiled = saved
+    assert (eager["args"]["compile"], compiled["args"]["compile"]) == (False, True)
+    for key in eager["model"]:
+        torch.testing.assert_close(compiled["model"][key], eager["model"][key], rtol=1e-5, atol=1e-6)
+    # Adam's moments and step counts, parameter by parameter: a checkpoint of either path resumes in the other
+    assert compiled["optimizer"]["state"].keys() == eager["optimizer"]["state"].keys()
+    for index, state in eager["optimizer"]["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(compiled["optimizer"]["state"][index][name], value, rtol=1e-4, atol=1e-7)
 
-    weights = []
-    for flags in ([], ["--compile"]):
-        run_dir = trained(ppo_discrete, tmp_path / str(len(flags)), "CartPole-v1", *flags)
-        weights.append(torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"])
-    for key in weights[0]:
-        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-5, atol=1e-6)
+
+def test_compile_is_on_for_long_runs_only_unless_the_flag_is_given(script):
+    def compiles(*argv):
+        import tyro
+
+        cli = tyro.cli(script.Args, args=list(argv))
+        return script.prepare(cli, script.explicit_flags(list(argv)))[0].compile
+
+    long_run = ["--total-timesteps", str(2 * script.COMPILE_MIN_STEPS * 64)]  # minibatches of 64 by default
+    assert compiles(*long_run) and not compiles(*long_run, "--no-compile")
+    assert not compiles(*TINY) and compiles(*TINY, "--compile")
 
 
 def test_compile_without_a_cpp_compiler_trains_eagerly_with_one_note(script, tmp_path, capsys, monkeypatch):
@@ -134,5 +151,5 @@ def test_compile_without_a_cpp_compiler_trains_eagerly_with_one_note(script, tmp
     monkeypatch.setattr(script.shutil, "which", lambda name: None)
     run_dir = trained(script, tmp_path, FAST_ENV[script.__name__], "--compile")
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--compile needs a C++ compiler" in err
+    assert err.count("\n") == 1 and "compiling the gradient step needs a C++ compiler" in err
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["args"]["compile"] is False
