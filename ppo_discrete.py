@@ -1062,7 +1062,7 @@ class Harness(TrainHooks):
     def __init__(self, args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimizer, start: Progress):
         self.args, self.run_dir, self.agent, self.optimizer = args, run_dir, agent, optimizer
         self.signum, self.total = 0, final_step(args, start.global_step)
-        self.start_step, self.last_print = None, -math.inf
+        self.start_step, self.last_print, self.last_print_step = None, -math.inf, 0
         self.reported, self.saved_step = start, start.global_step if start.global_step else None
 
     def __call__(self, signum, frame):
@@ -1100,15 +1100,17 @@ class Harness(TrainHooks):
     def report(self, progress: Progress, sps: float, recent_returns: list[float]) -> None:
         first, self.reported = self.start_step is None, progress
         self.start_step = progress.global_step if first else self.start_step
-        now, total = time.perf_counter(), self.total
-        if not (first or progress.global_step >= total or now - self.last_print >= self.args.print_every):
+        now, total, step = time.perf_counter(), self.total, progress.global_step
+        if not (first or step >= total or now - self.last_print >= self.args.print_every):
             return
-        self.last_print = now
-        eta = (total - progress.global_step) / max(sps, 1e-9)
+        # The ETA goes by the speed since the previous line: the first iteration of a compiled run
+        # holds the compiling, and would overstate the time left for the rest of the run.
+        rate = sps if first else (step - self.last_print_step) / max(now - self.last_print, 1e-9)
+        self.last_print, self.last_print_step = now, step
+        eta = "after compiling" if first and self.args.compile else format_seconds((total - step) / max(rate, 1e-9))
         mean_return = f"{np.mean(recent_returns):8.1f}" if recent_returns else "     n/a"
-        print(f"step {progress.global_step:>10,}/{total:,} ({100 * progress.global_step / total:3.0f}%) | "
-              f"{sps:6,.0f} steps/s | return {mean_return} (last 20 episodes) | "
-              f"ETA {format_seconds(eta)}", flush=True)
+        print(f"step {step:>10,}/{total:,} ({100 * step / total:3.0f}%) | {sps:6,.0f} steps/s | "
+              f"return {mean_return} (last 20 episodes) | ETA {eta}", flush=True)
 
 
 def check_display() -> Optional[str]:
@@ -1305,7 +1307,8 @@ def run(cli: Args, argv: list[str]) -> int:
     print(f"{SCRIPT}: {args.env_id}, {args.batch_size}-step batches ({args.num_envs} envs x {args.num_steps} "
           f"steps) to step {final_step(args, start.global_step):,}, minibatch {args.minibatch_size}, run dir {run_dir}")
     if args.compile:
-        print("compiling the gradient step (torch.compile): the first iterations take some seconds longer")
+        print("compiling the gradient step (torch.compile): the first iteration takes up to ~20 s longer on a "
+              "machine's first run, a few seconds once Inductor's cache holds the code (--no-compile: eager)")
 
     harness = Harness(args, run_dir, agent, optimizer, start)
     signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])

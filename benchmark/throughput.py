@@ -175,6 +175,9 @@ def main() -> None:
             verdict = f"{payback:,.0f} env steps" if payback else "never (not faster)"
             lines.append(f"| {config} | {train:,.0f} ({steady:,.0f}) | {c_sps:,.0f} ({c_steady:,.0f}) | "
                          f"{compile_s:.1f} s | {verdict} |")
+        if len(rows) > 1:
+            lines += ["", "Only the first configuration compiles from nothing: the later ones reuse kernels this process "
+                      "compiled before, so their compile time is below a first run's."]
     lines += ["", "Flags: " + "; ".join(f"{config}: `{name}.py {' '.join(CONFIGS[config][1]) or '(defaults)'}`"
                                         for config, name, *_ in rows)]
     text = "\n".join(lines) + "\n"
