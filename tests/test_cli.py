@@ -215,7 +215,7 @@ def test_interrupt_saves_a_checkpoint_and_prints_how_to_resume(script, tmp_path,
     proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, f"{script.__name__}.py"),
                              "--env-id", FAST_ENV[script.__name__], "--total-timesteps", "100000000",
                              "--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2",
-                             "--print-every", "0", "--checkpoint-every", "1000000"],
+                             "--print-every", "0", "--checkpoint-every", "1000000", "--no-compile"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().startswith(script.__name__)  # the start-up line
     assert proc.stdout.readline().startswith("step")  # training is under way

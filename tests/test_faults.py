@@ -358,7 +358,7 @@ def test_checkpoints_come_by_time_as_well_as_by_iteration(script, tmp_path, monk
 # ------------------------------------------------------------------ as a user runs it
 def start(script, tmp_path, *extra):
     return subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, f"{script.__name__}.py"), *tiny(script),
-                             "--total-timesteps", "100000000", "--checkpoint-every", "1000000", *extra],
+                             "--total-timesteps", "100000000", "--checkpoint-every", "1000000", "--no-compile", *extra],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
