@@ -509,10 +509,22 @@ def compile_gradient_step(agent: nn.Module, optimizer: torch.optim.Optimizer, ar
                  lr=lr, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
         return grad_norm, parts
 
+    mode = "compile"  # at the first compiled call; then "compiled", or "eager" if compiling failed
+
     def compiled_step(*, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Batch, args: Args):
-        if not optimizer.state:  # Adam creates its state in its first step: that one runs eagerly
-            return gradient_step(agent=agent, optimizer=optimizer, mb=mb, args=args)
-        return step(mb, torch.tensor(group["lr"], device=mb.obs.device))
+        nonlocal mode
+        if mode == "compiled":
+            return step(mb, torch.tensor(group["lr"], device=mb.obs.device))
+        if mode == "compile" and optimizer.state:  # Adam creates its state in its first step, eagerly
+            try:
+                result = step(mb, torch.tensor(group["lr"], device=mb.obs.device))
+                mode = "compiled"
+                return result
+            except Exception as e:  # e.g. a broken C++ compiler: nothing ran, so go on eagerly
+                mode = "eager"
+                print(f"note: compiling the gradient step failed ({type(e).__name__}: "
+                      f"{(str(e).strip() or '?').splitlines()[0][:200]}): training without compiling", file=sys.stderr)
+        return gradient_step(agent=agent, optimizer=optimizer, mb=mb, args=args)
 
     return compiled_step
 

@@ -2,6 +2,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -132,6 +134,18 @@ def test_compile_gives_the_eager_weights_and_adam_state_up_to_float_rounding(scr
     for index, state in eager["optimizer"]["state"].items():
         for name, value in state.items():
             torch.testing.assert_close(compiled["optimizer"]["state"][index][name], value, rtol=1e-4, atol=1e-7)
+
+
+def test_a_failing_compile_trains_eagerly_with_one_note(tmp_path):
+    # A compiler that is there but does not work: torch.compile fails at the first compiled step.
+    from conftest import ppo_discrete, tiny
+
+    env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "ppo_discrete.py"), *tiny(ppo_discrete), "--compile"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("note: compiling the gradient step failed (InductorError: ")
+    assert result.stderr.count("\n") == 1 and "evaluation:" in result.stdout
 
 
 def test_compile_is_on_for_long_runs_only_unless_the_flag_is_given(script):
