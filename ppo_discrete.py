@@ -22,6 +22,8 @@ defined later.
     4 Advantages        compute_gae
     5 PPO loss          ppo_loss
     6 One iteration     collect_rollout -> make_batch -> update, the three phases in order
+                        (update takes gradient_step, or in long runs compile_gradient_step's
+                        compiled version of it)
     7 Training          evaluate, then train(): the driver that runs the phases, logs and saves
     8 The harness       flag and env checks, signals, checkpoint files, resume, main(): what
                         makes it a tool; a reader learning PPO can stop before it
@@ -132,8 +134,8 @@ class Args:
     hidden_size: int = 64
     """width of the two hidden layers of the actor and of the critic"""
     # On by default for long runs: a compiled gradient step costs about a quarter of an eager one
-    # on a CPU, and compiling (seconds, once per process) pays back within a few iterations
-    # (benchmark/RESULTS.md). Runs too short to pay it back train eagerly unless the flag is given.
+    # on a CPU, and compiling (about 17 s from nothing, once per process) pays back after about
+    # 20,000 gradient steps (benchmark/RESULTS.md). Shorter runs train eagerly unless it is given.
     compile: bool = True
     """compile the gradient step with torch.compile in runs of 20,000 gradient steps or
     more, or whenever --compile is given (needs a C++ compiler: without one it trains eagerly);
@@ -509,21 +511,20 @@ def compile_gradient_step(agent: nn.Module, optimizer: torch.optim.Optimizer, ar
                  lr=lr, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
         return grad_norm, parts
 
-    mode = "compile"  # at the first compiled call; then "compiled", or "eager" if compiling failed
+    mode = "compile"  # until the first compiled call; then "compiled", or "eager" if compiling failed
 
     def compiled_step(*, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Batch, args: Args):
         nonlocal mode
-        if mode == "compiled":
-            return step(mb, torch.tensor(group["lr"], device=mb.obs.device))
-        if mode == "compile" and optimizer.state:  # Adam creates its state in its first step, eagerly
+        if mode != "eager" and optimizer.state:  # Adam creates its state in its first step, eagerly
             try:
-                result = step(mb, torch.tensor(group["lr"], device=mb.obs.device))
-                mode = "compiled"
+                result, mode = step(mb, torch.tensor(group["lr"], device=mb.obs.device)), "compiled"
                 return result
             except Exception as e:  # e.g. a broken C++ compiler: nothing ran, so go on eagerly
-                mode = "eager"
-                print(f"note: compiling the gradient step failed ({type(e).__name__}: "
-                      f"{(str(e).strip() or '?').splitlines()[0][:200]}): training without compiling", file=sys.stderr)
+                if mode == "compiled":
+                    raise
+                mode, reason = "eager", (str(e).strip() or "?").splitlines()[0][:200]
+                print(f"note: compiling the gradient step failed ({type(e).__name__}: {reason}): "
+                      "training without compiling", file=sys.stderr)
         return gradient_step(agent=agent, optimizer=optimizer, mb=mb, args=args)
 
     return compiled_step
@@ -1242,7 +1243,8 @@ def report_evaluation(eval_returns: np.ndarray, path: Optional[str], global_step
 
 
 # Below this many gradient steps a run trains eagerly unless --compile is given: compiling from
-# nothing took about 10 s, and saved about 0.7 ms per gradient step (benchmark/RESULTS.md).
+# nothing took about 17 s, and then saved about 0.8 ms per gradient step, so it pays back after
+# about 20,000 (benchmark/RESULTS.md).
 COMPILE_MIN_STEPS = 20_000
 
 
