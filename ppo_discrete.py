@@ -490,9 +490,13 @@ def compile_gradient_step(agent: nn.Module, optimizer: torch.optim.Optimizer, ar
     functional adam() on the optimizer's own state (a checkpoint cannot tell the two paths apart),
     with the learning rate passed as a tensor so that annealing it does not recompile the graph.
     """
+    import torch._inductor.config
     from torch.optim.adam import adam  # the arithmetic of torch.optim.Adam, as a function
 
     torch._dynamo.config.trace_autograd_ops = True  # lets the graph hold torch.autograd.grad
+    # The code that calls the graph's kernels in C++ rather than Python: the same kernels and
+    # results, about 10% less time per step
+    torch._inductor.config.cpp_wrapper = True
     params = list(agent.parameters())
     group = optimizer.param_groups[0]
 
