@@ -148,7 +148,7 @@ class Args:
     norm_reward: bool = True
     """scale rewards by the running std of the discounted return, clipped to [-10, 10] [37-c8,c9]"""
     # On by default for long runs: a compiled gradient step costs about a quarter of an eager one
-    # on a CPU, and compiling (about 17 s from nothing, once per process) pays back after about
+    # on a CPU, and compiling (about 16 s from nothing, once per process) pays back after about
     # 20,000 gradient steps (benchmark/RESULTS.md). Shorter runs train eagerly unless it is given.
     compile: bool = True
     """compile the gradient step with torch.compile in runs of 20,000 gradient steps or
@@ -1356,7 +1356,7 @@ def report_evaluation(eval_returns: np.ndarray, path: Optional[str], global_step
 
 
 # Below this many gradient steps a run trains eagerly unless --compile is given: compiling from
-# nothing took about 17 s, and then saved about 0.8 ms per gradient step, so it pays back after
+# nothing took about 16 s, and then saved about 0.8 ms per gradient step, so it pays back after
 # about 20,000 (benchmark/RESULTS.md).
 COMPILE_MIN_STEPS = 20_000
 
