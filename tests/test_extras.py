@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,10 @@ from conftest import FAST_ENV, ROOT, TINY, only_run_dir, run_main
 
 # An env whose untrained episodes end within a second or two at the env's own frame rate.
 SHORT_ENV = {"ppo_discrete": "CartPole-v1", "ppo_continuous": "LunarLanderContinuous-v3"}
+
+
+NEEDS_CXX = pytest.mark.skipif(not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))),
+                               reason="compiling needs a C++ compiler")
 
 
 def trained(script, tmp_path, env_id=None, *extra):
@@ -120,6 +125,7 @@ def test_the_readme_onnx_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert re.fullmatch(r"return -?\d+\.\d\n", capsys.readouterr().out)
 
 
+@NEEDS_CXX
 def test_compile_gives_the_eager_weights_and_adam_state_up_to_float_rounding(script, tmp_path):
     saved = []
     for flags in (["--no-compile"], ["--compile"]):
@@ -148,6 +154,7 @@ def test_a_failing_compile_trains_eagerly_with_one_note(tmp_path):
     assert result.stderr.count("\n") == 1 and "evaluation:" in result.stdout
 
 
+@NEEDS_CXX
 def test_compile_is_on_for_long_runs_only_unless_the_flag_is_given(script):
     def compiles(*argv):
         import tyro
