@@ -1364,6 +1364,10 @@ def gradient_steps(args: Args) -> int:
     return args.num_iterations * args.update_epochs * args.num_minibatches
 
 
+def cpp_compiler_found() -> bool:
+    return bool(os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++")))
+
+
 def prepare(cli: Args, given: set[str]) -> tuple[Args, Optional[dict]]:
     """The flags to run with and the checkpoint to start from, checked (run() checks a resume's
     optimizer state and steps left); else RunError or CheckpointError, before anything is written."""
@@ -1383,8 +1387,7 @@ def prepare(cli: Args, given: set[str]) -> tuple[Args, Optional[dict]]:
             raise RunError(f"--export {args.export}: its folder does not exist")
     if args.compile and "compile" not in given and (args.cuda or gradient_steps(args) < COMPILE_MIN_STEPS):
         args = replace(args, compile=False)  # too short a run to pay for compiling (or on a GPU: untried)
-    if (args.compile and not args.eval_checkpoint
-            and not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++")))):
+    if args.compile and not args.eval_checkpoint and not cpp_compiler_found():
         print("note: compiling the gradient step needs a C++ compiler and none was found (g++, clang++ or "
               "$CXX): training without compiling (--no-compile: without this note)", file=sys.stderr)
         args = replace(args, compile=False)

@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -11,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST_ENV, ROOT, TINY, only_run_dir, run_main
+from conftest import FAST_ENV, ROOT, TINY, only_run_dir, ppo_discrete, run_main
 
 # An env whose untrained episodes end within a second or two at the env's own frame rate.
 SHORT_ENV = {"ppo_discrete": "CartPole-v1", "ppo_continuous": "LunarLanderContinuous-v3"}
 
 
-NEEDS_CXX = pytest.mark.skipif(not (os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++"))),
-                               reason="compiling needs a C++ compiler")
+NEEDS_CXX = pytest.mark.skipif(not ppo_discrete.cpp_compiler_found(), reason="compiling needs a C++ compiler")
 
 
 def trained(script, tmp_path, env_id=None, *extra):
