@@ -15,18 +15,17 @@ Words used below
     global_step  environment steps taken so far, counted over all envs
 
 Reading guide. To learn PPO, read sections 1-7 in order; nothing in them refers to anything
-defined later.
-    1 Hyperparameters   Args: every flag, derived sizes as properties
+defined later, and nothing in them is there for anything but PPO.
+    1 Hyperparameters   Args: the algorithm's flags, their checks, derived sizes
     2 Environment       make_env, make_vector_env (the autoreset mode matters), env_shapes
     3 Agent             layer_init, Agent: a categorical actor and a critic
     4 Advantages        compute_gae
     5 PPO loss          ppo_loss
-    6 One iteration     collect_rollout -> make_batch -> update, the three phases in order
-                        (update takes gradient_step, or in long runs compile_gradient_step's
-                        compiled version of it)
-    7 Training          evaluate, then train(): the driver that runs the phases, logs and saves
-    8 The harness       flag and env checks, signals, checkpoint files, resume, main(): what
-                        makes it a tool; a reader learning PPO can stop before it
+    6 One iteration     collect_rollout -> make_batch -> update (a gradient_step per minibatch)
+    7 Training          evaluate, then train(): the loop of the PPO paper's Algorithm 1
+    8 The harness       run-control flags, progress lines, evaluations, checkpoint files,
+                        signals, resume, the compiled gradient step, main(): what makes it a
+                        tool; a reader learning PPO can stop before it
 The twin, ppo_continuous.py, differs in the policy (a Gaussian), action clipping and
 observation and reward normalization. Every function both files define is the same text, apart
 from a short list that differs because the action space does (tests/test_twins.py).
@@ -65,108 +64,45 @@ SCRIPT = "ppo_discrete"
 CHECKPOINT_FORMAT = 2
 
 
-# ---------------------------------------------------------------------------------------------
-# 1. Hyperparameters
-# ---------------------------------------------------------------------------------------------
+# 1. Hyperparameters ------------------------------------------------------------------------------
 @dataclass
 class Args:
-    # Experiment
-    exp_name: str = SCRIPT
-    """name of the experiment: part of the run directory's name"""
-    seed: int = 1
-    """seed of torch, numpy, random and the training envs (env i gets seed + i)"""
-    torch_deterministic: bool = True
-    """set torch.backends.cudnn.deterministic (CleanRL's flag; only cuDNN kernels on a GPU care)"""
-    cuda: bool = False
-    """train on the GPU (CleanRL's default is on; 64-wide MLPs train faster on the CPU)"""
-    capture_video: bool = False
-    """record mp4 videos of env 0 during training and of the evaluation episodes"""
-    runs_dir: str = "runs"
-    """folder that holds one sub-folder per run (TensorBoard logs, checkpoints, videos)"""
+    """The algorithm's flags. Where a default differs from CleanRL's ppo.py (tuned for CartPole),
+    the comment says why: these are rl-baselines3-zoo's LunarLander settings, which beat cheaper
+    variants in our trials (benchmark/RESULTS.md). Run control (checkpoints, evaluations,
+    --resume, ...) has its own flags in section 8."""
 
-    # Algorithm. Where a default differs from CleanRL's ppo.py (tuned for CartPole), the comment
-    # says why: these are rl-baselines3-zoo's LunarLander settings, which beat cheaper variants
-    # in our trials (benchmark/RESULTS.md).
-    env_id: str = "LunarLander-v3"
-    """Gymnasium id of an env with a Discrete action space and a flat Box observation"""
-    total_timesteps: int = 2_000_000
-    """environment steps to train for, over all envs"""
+    env_id: str = "LunarLander-v3"  # Gymnasium id of an env with a Discrete action space and a flat Box observation
+    seed: int = 1  # seed of torch, numpy, random and the training envs (env i gets seed + i)
+    torch_deterministic: bool = True  # set torch.backends.cudnn.deterministic (only cuDNN kernels on a GPU care)
+    cuda: bool = False  # train on the GPU (CleanRL's default is on; 64-wide MLPs train faster on the CPU)
+    total_timesteps: int = 2_000_000  # environment steps to train for, over all envs
     # CleanRL: 2.5e-4; 3e-4 is the zoo's value. The annealing lowers it every iteration, to
     # learning_rate / num_iterations in the last one, which settles the landing late.
-    learning_rate: float = 3e-4
-    """Adam learning rate at the start (annealed linearly towards 0 with --anneal-lr)"""
+    learning_rate: float = 3e-4  # Adam learning rate at the start (annealed linearly towards 0 with --anneal-lr)
     # CleanRL: 4 x 128. More envs: a 16-row forward costs about what a 4-row one does. Longer
     # rollouts: a batch of 16384 steps spans many of Lunar Lander's episodes (up to 1000 steps).
-    num_envs: int = 16
-    """parallel envs in the (synchronous) vector env"""
-    num_steps: int = 1024
-    """steps per env in each rollout"""
-    anneal_lr: bool = True
-    """anneal the learning rate linearly towards 0 over training [37-4]"""
+    num_envs: int = 16  # parallel envs in the (synchronous) vector env
+    num_steps: int = 1024  # steps per env in each rollout
+    anneal_lr: bool = True  # anneal the learning rate linearly towards 0 over training [37-4]
     # CleanRL: 0.99 and 0.95. Landing pays its +100 hundreds of steps after the approach
     # began: a longer horizon (1 / (1 - gamma) = 1000 steps) sees it.
-    gamma: float = 0.999
-    """discount factor"""
-    gae_lambda: float = 0.98
-    """lambda of Generalized Advantage Estimation"""
+    gamma: float = 0.999  # discount factor
+    gae_lambda: float = 0.98  # lambda of Generalized Advantage Estimation
     # CleanRL: 4 (of 128). Minibatches of 64: one gradient step per 16 samples. Minibatches of
     # 128 trained 25% faster but ended 32 and 50 points lower in two trials on seed 2.
-    num_minibatches: int = 256
-    """minibatches per epoch"""
-    update_epochs: int = 4
-    """passes over each batch"""
-    norm_adv: bool = True
-    """normalize advantages within each minibatch [37-7]"""
-    clip_coef: float = 0.2
-    """surrogate clipping coefficient epsilon (also the value clip range with --clip-vloss)"""
+    num_minibatches: int = 256  # minibatches per epoch
+    update_epochs: int = 4  # passes over each batch
+    norm_adv: bool = True  # normalize advantages within each minibatch [37-7]
+    clip_coef: float = 0.2  # surrogate clipping coefficient epsilon (also the value clip range with --clip-vloss)
     # CleanRL: on. Value clipping did not help, or hurt, in Andrychowicz et al. 2021 (sec. 3.2);
     # the zoo does not clip either.
-    clip_vloss: bool = False
-    """clip the value loss around the old values [37-9]"""
-    ent_coef: float = 0.01
-    """entropy bonus coefficient"""
-    vf_coef: float = 0.5
-    """value loss coefficient"""
-    max_grad_norm: float = 0.5
-    """global gradient-norm clipping threshold [37-11]"""
-    target_kl: Optional[float] = None
-    """stop the epochs of an iteration early once approx_kl exceeds this (off when unset)"""
-    hidden_size: int = 64
-    """width of the two hidden layers of the actor and of the critic"""
-    # On by default for long runs: a compiled gradient step costs about a quarter of an eager one
-    # on a CPU, and compiling (about 16 s from nothing, once per process) pays back after about
-    # 20,000 gradient steps (benchmark/RESULTS.md). Shorter runs train eagerly unless it is given.
-    compile: bool = True
-    """compile the gradient step with torch.compile in runs of 20,000 gradient steps or
-    more, or whenever --compile is given (needs a C++ compiler: without one it trains eagerly);
-    the same results up to float rounding"""
-
-    # Run control: these never change what is learned
-    eval_episodes: int = 100
-    """episodes of the deterministic evaluation at the end (and of --eval-checkpoint)"""
-    eval_every: int = 0
-    """evaluate every N iterations during training, keep the best policy as best.pt (0: off)"""
-    periodic_eval_episodes: int = 20
-    """episodes of each periodic evaluation (--eval-every)"""
-    checkpoint_every: int = 50
-    """write checkpoint.pt every N iterations (it is also written at the end and on Ctrl-C)"""
-    checkpoint_seconds: float = 60.0
-    """also write checkpoint.pt whenever this many seconds of training passed since the last one
-    (a crash or kill -9 then loses at most that much; 0: by iteration only)"""
-    print_every: float = 5.0
-    """seconds between progress lines"""
-    target_return: Optional[float] = None
-    """stop training once a periodic evaluation reaches this mean return (with --eval-every, or
-    evaluating every 1/40 of the run if it is not given)"""
-    resume: Optional[str] = None
-    """checkpoint.pt of a run to continue in its own run directory"""
-    eval_checkpoint: Optional[str] = None
-    """evaluate this checkpoint with the deterministic policy, and do not train"""
-    render: bool = False
-    """with --eval-checkpoint: play the policy in a window instead (5 episodes unless
-    --eval-episodes is given)"""
-    export: Optional[str] = None
-    """with --eval-checkpoint: write the deterministic policy to this ONNX file and check it"""
+    clip_vloss: bool = False  # clip the value loss around the old values [37-9]
+    ent_coef: float = 0.01  # entropy bonus coefficient
+    vf_coef: float = 0.5  # value loss coefficient
+    max_grad_norm: float = 0.5  # global gradient-norm clipping threshold [37-11]
+    target_kl: Optional[float] = None  # stop an iteration's epochs early once approx_kl exceeds this (off when unset)
+    hidden_size: int = 64  # width of the two hidden layers of the actor and of the critic
 
     # Derived sizes: computed, never flags (CleanRL overwrites such flags silently).
     @property
@@ -181,10 +117,34 @@ class Args:
     def num_iterations(self) -> int:
         return self.total_timesteps // self.batch_size
 
+    def check(self) -> Optional[str]:
+        """The first flag that cannot train, as one line saying what to do; None if all can."""
+        # Any float flag first: inf or nan would train silently into NaN weights.
+        rules = [(f.name, lambda x: not isinstance(x, float) or math.isfinite(x), "a finite number") for f in fields(self)]
+        rules += [("total_timesteps num_envs num_steps num_minibatches update_epochs hidden_size learning_rate "
+                  "clip_coef max_grad_norm", lambda x: x > 0, "positive"), ("ent_coef vf_coef", lambda x: x >= 0,
+                  "0 or more"), ("gamma gae_lambda", lambda x: 0 <= x <= 1, "lie in [0, 1]"),
+                 ("seed", lambda x: 0 <= x < 2**31, "lie in [0, 2^31)"),  # env seeds count up from it
+                 ("target_kl", lambda x: x is None or x > 0, "positive (leave it out to turn it off)")]
+        for name, ok, what in ((n, ok, what) for names, ok, what in rules for n in names.split()):
+            if not ok(getattr(self, name)):
+                verb = what if what.startswith("lie") else f"be {what}"
+                return f"--{name.replace('_', '-')} must {verb}, got {getattr(self, name)}"
+        if self.batch_size % self.num_minibatches:
+            return (f"the batch of {self.batch_size} (--num-envs x --num-steps) does not split into "
+                    f"{self.num_minibatches} equal minibatches: change --num-minibatches")
+        if self.norm_adv and self.minibatch_size < 2:
+            return (f"minibatches of {self.minibatch_size} cannot normalize advantages: lower "
+                    "--num-minibatches or pass --no-norm-adv")
+        if self.total_timesteps < self.batch_size:
+            return (f"--total-timesteps {self.total_timesteps} is less than one batch of "
+                    f"{self.batch_size} (--num-envs x --num-steps): raise it or shrink the batch")
+        if self.cuda and not torch.cuda.is_available():
+            return "--cuda was given but torch sees no CUDA device: drop --cuda"
+        return None
 
-# ---------------------------------------------------------------------------------------------
-# 2. Environment
-# ---------------------------------------------------------------------------------------------
+
+# 2. Environment ----------------------------------------------------------------------------------
 def make_env(env_id: str, video_dir: Optional[str] = None, video_trigger=None, render_mode: Optional[str] = None):
     """A thunk that builds one env; `video_dir` records its episodes as mp4."""
 
@@ -211,11 +171,6 @@ def make_vector_env(env_fns) -> gym.vector.SyncVectorEnv:
     return gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
-def capped_cubic(episode_id: int) -> bool:
-    """Which training episodes to film: 0, 1, 8, 27, ..., 729, then every 1000th (CleanRL's)."""
-    return round(episode_id ** (1 / 3)) ** 3 == episode_id if episode_id < 1000 else episode_id % 1000 == 0
-
-
 def env_shapes(env_id: str) -> tuple[int, int]:
     """(observation size, number of actions)."""
     env = gym.make(env_id)
@@ -224,9 +179,7 @@ def env_shapes(env_id: str) -> tuple[int, int]:
     return obs_dim, n_actions
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. Agent
-# ---------------------------------------------------------------------------------------------
+# 3. Agent ----------------------------------------------------------------------------------------
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
     # Orthogonal weights scaled by `std`, zero biases [37-2].
     nn.init.orthogonal_(layer.weight, std)
@@ -258,12 +211,10 @@ class Agent(nn.Module):
         return self.critic(obs).squeeze(-1)
 
     def sample_action(self, obs: torch.Tensor) -> torch.Tensor:
-        """One action per row, sampled from softmax(logits)."""
-        logits = self.actor(obs)
-        # Gumbel-max trick: argmax(logits + Gumbel noise) is a sample of the categorical
-        # distribution, without the cost of building a torch Categorical at every step.
-        gumbel = -torch.empty_like(logits).exponential_().log()
-        return (logits + gumbel).argmax(-1)
+        """One action per row, drawn from softmax(logits)."""
+        # The draw Categorical(logits=...).sample() makes, without building that object at
+        # every env step, which made the headline run about a tenth slower (benchmark/RESULTS.md).
+        return torch.multinomial(self.actor(obs).softmax(-1), 1).squeeze(-1)
 
     def deterministic_action(self, obs: torch.Tensor) -> torch.Tensor:
         """The most probable action (argmax of the logits): the policy evaluation plays."""
@@ -277,9 +228,7 @@ class Agent(nn.Module):
         return logprob, entropy, self.value(obs)
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. Advantages
-# ---------------------------------------------------------------------------------------------
+# 4. Advantages -----------------------------------------------------------------------------------
 def compute_gae(*, rewards, values, next_values, terminations, dones, gamma, gae_lambda):
     """Generalized Advantage Estimation (GAE paper, eq. 16): TD errors, then a discounted sum.
 
@@ -297,22 +246,16 @@ def compute_gae(*, rewards, values, next_values, terminations, dones, gamma, gae
     """
     # delta_t = r_t + gamma * V(s_t+1) * (1 - terminal) - V(s_t)
     deltas = rewards + gamma * (1.0 - terminations) * next_values - values
-    # A_t = delta_t + gamma * lambda * A_t+1, cut where the episode ended. The backward loop runs
-    # over numpy rows: T small steps, each far cheaper in numpy than as a torch op.
-    deltas_np = deltas.cpu().numpy()
-    decay = (gamma * gae_lambda * (1.0 - dones)).cpu().numpy()
-    advantages = np.zeros_like(deltas_np)
-    running = np.zeros_like(deltas_np[0])  # A_T = 0 past the end of the rollout
-    for t in reversed(range(len(deltas_np))):
-        running = deltas_np[t] + decay[t] * running
+    # A_t = delta_t + gamma * lambda * A_t+1, cut where the episode ended; A_T = 0 past the end.
+    advantages = torch.zeros_like(deltas)
+    running = torch.zeros_like(deltas[0])
+    for t in reversed(range(len(deltas))):
+        running = deltas[t] + gamma * gae_lambda * (1.0 - dones[t]) * running
         advantages[t] = running
-    advantages = torch.from_numpy(advantages).to(deltas.device)
     return advantages, advantages + values
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. PPO loss
-# ---------------------------------------------------------------------------------------------
+# 5. PPO loss -------------------------------------------------------------------------------------
 def ppo_loss(*, newlogprob, oldlogprob, advantages, newvalue, oldvalue, value_targets, entropy,
              clip_coef, vf_coef, ent_coef, clip_vloss):
     """The PPO objective on one minibatch, as a loss to minimise.
@@ -333,6 +276,7 @@ def ppo_loss(*, newlogprob, oldlogprob, advantages, newvalue, oldvalue, value_ta
         v_loss = 0.5 * torch.max((newvalue - value_targets) ** 2, (v_clipped - value_targets) ** 2).mean()
     else:
         v_loss = 0.5 * ((newvalue - value_targets) ** 2).mean()
+    # CleanRL's name, though it is a bonus: the mean entropy, subtracted from the loss below.
     entropy_loss = entropy.mean()
     # PPO paper, eq. 9, with the entropy bonus and the value loss weighted
     loss = pg_loss - ent_coef * entropy_loss + vf_coef * v_loss
@@ -341,8 +285,8 @@ def ppo_loss(*, newlogprob, oldlogprob, advantages, newvalue, oldvalue, value_ta
             "pg_loss": pg_loss.detach(),
             "v_loss": v_loss.detach(),
             "entropy_loss": entropy_loss.detach(),
-            # KL(old || new) estimators: the naive one, and Schulman's unbiased, positive
-            # (r - 1) - log r [37-12]
+            # Two estimators of KL(old || new) [37-12]: Schulman's unbiased, never negative
+            # (r - 1) - log r, and the older naive -log r, logged as old_approx_kl
             "approx_kl": ((ratio - 1.0) - logratio).mean(),
             "old_approx_kl": (-logratio).mean(),
             "clipfrac": ((ratio - 1.0).abs() > clip_coef).float().mean(),
@@ -350,9 +294,7 @@ def ppo_loss(*, newlogprob, oldlogprob, advantages, newvalue, oldvalue, value_ta
     return loss, parts
 
 
-# ---------------------------------------------------------------------------------------------
-# 6. One iteration: collect a rollout, turn it into a batch, update the agent on it
-# ---------------------------------------------------------------------------------------------
+# 6. One iteration: collect a rollout, turn it into a batch, update the agent on it ---------------
 class Rollout(NamedTuple):
     """Storage for one rollout: numpy arrays of shape (T, N, ...), refilled in place each iteration.
 
@@ -362,8 +304,8 @@ class Rollout(NamedTuple):
     actions: np.ndarray       # a_t
     rewards: np.ndarray       # r_t, received after a_t
     next_obs: np.ndarray      # the true s_t+1: an ended episode's final observation, not the reset one
-    terminations: np.ndarray  # 1 if s_t+1 is terminal
-    dones: np.ndarray         # 1 if the episode ended at t (terminated or truncated)
+    terminations: np.ndarray  # 1 if s_t+1 is terminal (the episode ended in the env's own terms)
+    truncations: np.ndarray   # 1 if a time limit cut the episode at s_t+1, which is not terminal
 
 
 def new_rollout(num_steps: int, num_envs: int, obs_dim: int, action_shape: tuple, action_dtype) -> Rollout:
@@ -373,11 +315,7 @@ def new_rollout(num_steps: int, num_envs: int, obs_dim: int, action_shape: tuple
                    rewards=np.zeros((T, N), dtype=np.float32),
                    next_obs=np.zeros((T, N, obs_dim), dtype=np.float32),
                    terminations=np.zeros((T, N), dtype=np.float32),
-                   dones=np.zeros((T, N), dtype=np.float32))
-
-
-class Diverged(Exception):
-    """A non-finite number (an action, a loss, a gradient norm or a weight): training cannot go on."""
+                   truncations=np.zeros((T, N), dtype=np.float32))
 
 
 class Episode(NamedTuple):
@@ -386,13 +324,12 @@ class Episode(NamedTuple):
     length: int
 
 
-def collect_rollout(*, envs, agent: nn.Module, obs: np.ndarray, rollout: Rollout, global_step: int,
-                    stop_requested=lambda: False) -> tuple[np.ndarray, list[Episode]]:
+def collect_rollout(*, envs, agent: nn.Module, obs: np.ndarray, rollout: Rollout,
+                    global_step: int) -> tuple[np.ndarray, list[Episode]]:
     """Phase 1: act with the current policy for T steps in each of the N envs, filling `rollout`.
 
     obs: (N, obs_dim), the observations to act on first (where the last rollout left off).
-    Returns (the observations to act on next, the episodes that ended). It stops early when
-    stop_requested() turns true; the caller then drops the incomplete rollout.
+    Returns (the observations to act on next, the episodes that ended).
     """
     device = next(agent.parameters()).device
     num_steps, num_envs = rollout.rewards.shape
@@ -402,25 +339,22 @@ def collect_rollout(*, envs, agent: nn.Module, obs: np.ndarray, rollout: Rollout
             obs = np.asarray(obs, dtype=np.float32)
             rollout.obs[step] = obs
             action = agent.sample_action(torch.from_numpy(obs).to(device)).cpu().numpy()
-            if not np.isfinite(action).all():  # a NaN action never reaches an env
-                raise Diverged(f"a non-finite action at rollout step {step}")
             obs, reward, terminated, truncated, infos = envs.step(action)
-            rollout.actions[step] = action
-            rollout.rewards[step] = reward
-            rollout.terminations[step] = terminated
-            rollout.dones[step] = done = terminated | truncated
+            rollout.actions[step], rollout.rewards[step] = action, reward
+            rollout.terminations[step], rollout.truncations[step] = terminated, truncated
             rollout.next_obs[step] = obs
-            if done.any():
-                # SAME_STEP autoreset: `obs` already starts the next episode; the true s_t+1 of
-                # an ended episode is in final_obs (needed to bootstrap a truncation).
+            # Gymnasium 1.x vector envs return infos as a dict of arrays over the envs, each key
+            # with a boolean mask "_key" that says which envs it holds a value for.
+            if "final_obs" in infos:
+                # SAME_STEP autoreset: `obs` already starts the next episode in the envs that just
+                # ended one; their true s_t+1 is in final_obs (needed to bootstrap a truncation),
+                # and RecordEpisodeStatistics put the return and length in final_info["episode"].
                 ended = np.flatnonzero(infos["_final_obs"])
                 rollout.next_obs[step, ended] = np.stack(infos["final_obs"][ended])
                 stats = infos["final_info"]["episode"]
                 for i in np.flatnonzero(infos["final_info"]["_episode"]):
                     episodes.append(Episode(global_step + (step + 1) * num_envs, float(stats["r"][i]),
                                             int(stats["l"][i])))
-            if stop_requested():
-                break
     return obs, episodes
 
 
@@ -444,142 +378,58 @@ def make_batch(*, agent: nn.Module, rollout: Rollout, rewards: np.ndarray, gamma
     """
     device = next(agent.parameters()).device
     T, N = rollout.rewards.shape
-    obs = torch.from_numpy(rollout.obs).to(device).flatten(0, 1)
-    actions = torch.from_numpy(rollout.actions).to(device).flatten(0, 1)
+    as_tensor = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
+    obs, actions = as_tensor(rollout.obs).flatten(0, 1), as_tensor(rollout.actions).flatten(0, 1)
     with torch.no_grad():
         logprobs, _, values = agent.logprob_entropy_value(obs, actions)
-        next_values = agent.value(torch.from_numpy(rollout.next_obs).to(device))
         advantages, value_targets = compute_gae(
-            rewards=torch.from_numpy(rewards).to(device), values=values.reshape(T, N),
-            next_values=next_values, terminations=torch.from_numpy(rollout.terminations).to(device),
-            dones=torch.from_numpy(rollout.dones).to(device), gamma=gamma, gae_lambda=gae_lambda)
+            rewards=as_tensor(rewards), values=values.reshape(T, N),
+            next_values=agent.value(as_tensor(rollout.next_obs)), terminations=as_tensor(rollout.terminations),
+            dones=as_tensor(np.maximum(rollout.terminations, rollout.truncations)), gamma=gamma, gae_lambda=gae_lambda)
     return Batch(obs=obs, actions=actions, logprobs=logprobs, advantages=advantages.flatten(),
                  value_targets=value_targets.flatten(), values=values)
 
 
-def minibatch_loss(agent: nn.Module, mb: Batch, args: Args):
-    """The forward pass and ppo_loss on one minibatch: (loss, parts)."""
+def gradient_step(*, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Batch, args: Args) -> dict:
+    """One gradient step on one minibatch: the loss, its gradient, clipping to a global norm of
+    max_grad_norm [37-11], then the optimizer. Returns ppo_loss's parts."""
     newlogprob, entropy, newvalue = agent.logprob_entropy_value(mb.obs, mb.actions)
     advantages = mb.advantages
     if args.norm_adv:  # per minibatch [37-7]
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    return ppo_loss(newlogprob=newlogprob, oldlogprob=mb.logprobs, advantages=advantages, newvalue=newvalue,
-                    oldvalue=mb.values, value_targets=mb.value_targets, entropy=entropy, clip_coef=args.clip_coef,
-                    vf_coef=args.vf_coef, ent_coef=args.ent_coef, clip_vloss=args.clip_vloss)
-
-
-def gradient_step(*, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Batch, args: Args):
-    """One gradient step on one minibatch: the loss, its gradient, clipping to a global norm of
-    max_grad_norm [37-11], then Adam. Returns (the gradient norm before clipping, ppo_loss's parts)."""
-    loss, parts = minibatch_loss(agent, mb, args)
-    optimizer.zero_grad(set_to_none=True)
+    loss, parts = ppo_loss(newlogprob=newlogprob, oldlogprob=mb.logprobs, advantages=advantages,
+                           newvalue=newvalue, oldvalue=mb.values, value_targets=mb.value_targets, entropy=entropy,
+                           clip_coef=args.clip_coef, vf_coef=args.vf_coef, ent_coef=args.ent_coef,
+                           clip_vloss=args.clip_vloss)
+    optimizer.zero_grad()
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
+    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
     optimizer.step()
-    return grad_norm, parts
-
-
-def compile_gradient_step(agent: nn.Module, optimizer: torch.optim.Optimizer, args: Args):
-    """gradient_step as one compiled graph (--compile): called the same way, the same arithmetic
-    up to float rounding, about a quarter of the time on a CPU (benchmark/RESULTS.md).
-
-    On 64-row minibatches nearly all of an eager step is PyTorch's fixed cost per operation: some
-    hundreds of them (forward, backward, clipping, Adam), a few microseconds each. torch.compile
-    turns them into one call of generated C++. For one graph to hold the whole step, the
-    gradients come from torch.autograd.grad instead of backward(), and Adam runs as torch.optim's
-    functional adam() on the optimizer's own state (a checkpoint cannot tell the two paths apart),
-    with the learning rate passed as a tensor so that annealing it does not recompile the graph.
-    """
-    import torch._inductor.config
-    from torch.optim.adam import adam  # the arithmetic of torch.optim.Adam, as a function
-
-    params, group = list(agent.parameters()), optimizer.param_groups[0]
-    torch._dynamo.config.trace_autograd_ops = True  # lets the graph hold torch.autograd.grad
-    # The code that calls the graph's kernels in C++ rather than Python: the same kernels and
-    # results, about 10% less time per step (measured on a CPU only, so used there only)
-    torch._inductor.config.cpp_wrapper = params[0].device.type == "cpu"
-
-    @torch.compile(fullgraph=True, dynamic=False)
-    def step(mb: Batch, lr: torch.Tensor):
-        loss, parts = minibatch_loss(agent, mb, args)
-        grads = torch.autograd.grad(loss, params)
-        # clip_grad_norm_'s arithmetic: the norm of all gradients as one vector, scaled down to
-        # max_grad_norm when it is larger
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        grads = [g * (args.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0) for g in grads]
-        state = [optimizer.state[p] for p in params]
-        with torch.no_grad():
-            adam(params, grads, [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [],
-                 [s["step"] for s in state], amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
-                 lr=lr, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-        return grad_norm, parts
-
-    mode = "compile"  # until the first compiled call; then "compiled", or "eager" if compiling failed
-
-    def compiled_step(*, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Batch, args: Args):
-        nonlocal mode
-        if mode != "eager" and optimizer.state:  # Adam creates its state in its first step, eagerly
-            try:
-                result, mode = step(mb, torch.tensor(group["lr"], device=mb.obs.device)), "compiled"
-                return result
-            except Exception as e:  # e.g. a broken C++ compiler: nothing ran, so go on eagerly
-                if mode == "compiled":
-                    raise
-                mode, reason = "eager", (str(e).strip() or "?").splitlines()[0][:200]
-                print(f"note: compiling the gradient step failed ({type(e).__name__}: {reason}): "
-                      "training without compiling", file=sys.stderr)
-        return gradient_step(agent=agent, optimizer=optimizer, mb=mb, args=args)
-
-    return compiled_step
+    return parts
 
 
 def update(*, agent: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, args: Args,
            step_fn=gradient_step) -> dict[str, float]:
     """Phase 3: update_epochs passes over the batch in shuffled minibatches, a gradient step each.
 
-    step_fn is gradient_step, or its compiled version. Returns ppo_loss's parts, each averaged
-    over the minibatches of this iteration. Raises Diverged if a loss, a gradient or a weight is
-    no longer finite.
+    step_fn is gradient_step, or a faster equivalent (the harness's compiled one). Returns
+    ppo_loss's parts, each averaged over the minibatches of this iteration.
     """
-    params = list(agent.parameters())
-    parts_per_step, grad_norms = [], []
+    parts_per_step = []
     for epoch in range(args.update_epochs):
-        # One gather per epoch; the minibatches below are then cheap contiguous slices.
+        # A new order each epoch: every transition lands in exactly one minibatch.
         perm = torch.randperm(args.batch_size, device=batch.obs.device)
-        shuffled = Batch(*(x[perm] for x in batch))
         for start in range(0, args.batch_size, args.minibatch_size):
-            mb = Batch(*(x[start:start + args.minibatch_size] for x in shuffled))
-            grad_norm, parts = step_fn(agent=agent, optimizer=optimizer, mb=mb, args=args)
-            grad_norms.append(grad_norm)
+            mb = Batch(*(x[perm[start:start + args.minibatch_size]] for x in batch))
+            parts = step_fn(agent=agent, optimizer=optimizer, mb=mb, args=args)
             parts_per_step.append(torch.stack(list(parts.values())))
         # Early stopping on the KL of the last minibatch [37-12]; .item() waits for the device.
         if args.target_kl is not None and parts["approx_kl"].item() > args.target_kl:
             break
-    # A non-finite loss makes the gradient norm non-finite too. Checked once per update rather
-    # than at every step (each check waits for the device); the caller saves nothing after it.
-    if not torch.isfinite(torch.stack(grad_norms)).all():
-        raise Diverged("a non-finite loss or gradient")
-    if not all(torch.isfinite(p).all() for p in params):
-        raise Diverged("a non-finite weight")
     return dict(zip(parts, torch.stack(parts_per_step).mean(0).tolist()))
 
 
-def explained_variance(*, values: torch.Tensor, value_targets: torch.Tensor) -> float:
-    """1 - Var(targets - values) / Var(targets): 1 is a perfect critic, 0 no better than a
-    constant; NaN when the targets do not vary."""
-    var_targets = value_targets.var()
-    if not var_targets > 0:
-        return float("nan")
-    return (1.0 - (value_targets - values).var() / var_targets).item()
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. Training and evaluation
-# ---------------------------------------------------------------------------------------------
-def eval_seed(args: Args) -> int:
-    return args.seed + 1_000_000  # far from the training envs' seeds (seed + i)
-
-
+# 7. Training and evaluation ----------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(agent: nn.Module, env_id: str, n_episodes: int, seed: int, device="cpu",
              video_dir: Optional[str] = None, max_envs: int = 25) -> np.ndarray:
@@ -605,163 +455,54 @@ def evaluate(agent: nn.Module, env_id: str, n_episodes: int, seed: int, device="
     return np.array([r for per_env in eval_returns for r in per_env])
 
 
-def seed_everything(seed: int, torch_deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = torch_deterministic
-
-
 def make_agent_and_optimizer(args: Args) -> tuple[Agent, torch.optim.Optimizer]:
-    seed_everything(args.seed, args.torch_deterministic)  # before the weights are drawn
+    random.seed(args.seed)  # before the weights are drawn
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
     agent = Agent(*env_shapes(args.env_id), args.hidden_size)
     agent.to(torch.device("cuda" if args.cuda else "cpu"))
-    # fused: one kernel updates every parameter, much cheaper than the per-parameter loop
-    # (benchmark/RESULTS.md). eps=1e-5 as in the PPO baselines [37-3].
-    return agent, torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)
+    # eps=1e-5 as in the PPO baselines [37-3]
+    return agent, torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
 
 
-class Progress(NamedTuple):
-    global_step: int = 0
-    iteration: int = 0
-    best_eval: float = -math.inf  # best mean of the periodic evaluations so far
-    target_reached: Optional[tuple[int, float]] = None  # (step, seconds of training) of --target-return
+def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None, global_step: int = 0,
+          step_fn=gradient_step, after_iteration=None) -> int:
+    """PPO (the paper's Algorithm 1) from global_step (0, or where a resumed run stopped) for as
+    many whole batches as fit in total_timesteps. Returns the step reached.
 
-
-def final_step(args: Args, global_step: int = 0) -> int:
-    """Where a run that is at global_step ends: the last whole batch within total_timesteps."""
-    return global_step + (args.total_timesteps - global_step) // args.batch_size * args.batch_size
-
-
-class TrainHooks:
-    """What train() leaves to its caller. These defaults print nothing, save nothing and never
-    stop early; the harness (section 8) overrides them with progress lines, checkpoint files and
-    Ctrl-C handling."""
-
-    def stop_requested(self) -> bool:
-        return False
-
-    def report(self, progress: Progress, sps: float, recent_returns: list[float]) -> None:
-        pass
-
-    def save(self, name: str, progress: Progress) -> None:
-        pass
-
-
-LOSS_TAGS = {"pg_loss": "losses/policy_loss", "v_loss": "losses/value_loss", "entropy_loss": "losses/entropy",
-             "approx_kl": "losses/approx_kl", "old_approx_kl": "losses/old_approx_kl", "clipfrac": "losses/clipfrac"}
-
-
-def make_writer(args: Args, run_dir: str, global_step: int):
-    """A TensorBoard writer for run_dir; on resume it drops what an interrupted run logged after
-    its checkpoint (steps > global_step)."""
-    from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow to import
-
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if global_step else None)
-    if global_step == 0:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{k}|{v}|" for k, v in asdict(args).items()))
-    return writer
-
-
-def log_iteration(writer, *, global_step: int, episodes: list[Episode], sps: float, losses: dict[str, float],
-                  batch: Batch, learning_rate: float) -> None:
-    """TensorBoard scalars under CleanRL's tags. The x axis counts env steps, so runs of other
-    batch sizes compare on one axis."""
-    for episode in episodes:
-        writer.add_scalar("charts/episodic_return", episode.episode_return, episode.global_step)
-        writer.add_scalar("charts/episodic_length", episode.length, episode.global_step)
-    writer.add_scalar("charts/learning_rate", learning_rate, global_step)
-    writer.add_scalar("charts/SPS", sps, global_step)
-    for name, value in losses.items():
-        writer.add_scalar(LOSS_TAGS[name], value, global_step)
-    writer.add_scalar("losses/explained_variance",
-                      explained_variance(values=batch.values, value_targets=batch.value_targets), global_step)
-
-
-def make_training_envs(args: Args, run_dir: str, global_step: int) -> gym.vector.SyncVectorEnv:
-    # A resumed run records into its own folder: the episode numbers start again from 0.
-    video_name = "train" if global_step == 0 else f"train_from_step_{global_step}"
-    video_dir = os.path.join(run_dir, "videos", video_name) if args.capture_video else None
-    return make_vector_env(
-        [make_env(args.env_id, video_dir if i == 0 else None, capped_cubic) for i in range(args.num_envs)])
-
-
-def train(args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimizer,
-          start: Progress = Progress(), hooks: TrainHooks = TrainHooks()) -> tuple[Progress, dict]:
-    """Train PPO from `start` (a fresh run, or a resumed one) to final_step(args, start).
-
-    Logs to TensorBoard in run_dir. Returns (the progress reached, timings): timings holds the
-    seconds spent in each phase (rollout, batch, update) and in the rest (logging, evaluation,
-    checkpoints); benchmark/throughput.py reads it. Diverged propagates, with nothing saved after it.
+    envs: the vector env (by default num_envs of env_id); step_fn: gradient_step, or a faster
+    equivalent. after_iteration(global_step=, episodes=, losses=, batch=, learning_rate=) runs
+    after each iteration and returns True to stop: the harness's logging, progress lines,
+    evaluations, checkpoints and Ctrl-C live there.
     """
-    device = next(agent.parameters()).device
-    global_step, iteration, best_eval, target_reached = start
-    last_step = final_step(args, global_step)
-    writer, envs = make_writer(args, run_dir, global_step), make_training_envs(args, run_dir, global_step)
-    # Env i starts from seed + i; a resumed run starts new episodes from fresh seeds.
-    obs, _ = envs.reset(seed=args.seed + iteration * args.num_envs)
+    envs = envs or make_vector_env([make_env(args.env_id) for _ in range(args.num_envs)])
+    last_step = global_step + (args.total_timesteps - global_step) // args.batch_size * args.batch_size
+    # Env i starts from seed + i; a resumed run starts its new episodes from fresh seeds.
+    obs, _ = envs.reset(seed=args.seed + global_step // args.num_steps)
     rollout = new_rollout(args.num_steps, args.num_envs, envs.single_observation_space.shape[0], (), np.int64)
-    recent_returns = deque(maxlen=20)
-    step_fn = compile_gradient_step(agent, optimizer, args) if args.compile else gradient_step
-    timings = dict(rollout=0.0, batch=0.0, update=0.0, other=0.0)
-    start_time = last_save = time.perf_counter()
     try:
         while global_step < last_step:
-            # Linear learning-rate annealing [37-4]: learning_rate in the first iteration, down to
+            # Linear annealing [37-4]: learning_rate in the first iteration, down to
             # learning_rate * batch_size / (the run's length in steps) in the last one.
-            frac = 1.0 - global_step / last_step if args.anneal_lr else 1.0
-            optimizer.param_groups[0]["lr"] = args.learning_rate * frac
-            t0 = time.perf_counter()
-            obs, episodes = collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout,
-                                            global_step=global_step, stop_requested=hooks.stop_requested)
-            if hooks.stop_requested():
-                break  # drop the incomplete rollout: weights and step count stay the last iteration's
-            t1 = time.perf_counter()
+            lr = args.learning_rate * (1.0 - global_step / last_step if args.anneal_lr else 1.0)
+            optimizer.param_groups[0]["lr"] = lr
+            obs, episodes = collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout, global_step=global_step)
             batch = make_batch(agent=agent, rollout=rollout, rewards=rollout.rewards, gamma=args.gamma,
                                gae_lambda=args.gae_lambda)
-            t2 = time.perf_counter()
             losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args, step_fn=step_fn)
-            t3 = time.perf_counter()
-            global_step, iteration = global_step + args.batch_size, iteration + 1
-
-            sps = (global_step - start.global_step) / (t3 - start_time)
-            log_iteration(writer, global_step=global_step, episodes=episodes, sps=sps, losses=losses, batch=batch,
-                          learning_rate=optimizer.param_groups[0]["lr"])
-            recent_returns.extend(episode.episode_return for episode in episodes)
-            hooks.report(Progress(global_step, iteration, best_eval), sps, list(recent_returns))
-            if args.eval_every and iteration % args.eval_every == 0:
-                eval_returns = evaluate(agent, args.env_id, args.periodic_eval_episodes, eval_seed(args), device)
-                writer.add_scalar("eval/mean_return", eval_returns.mean(), global_step)
-                print(f"eval at step {global_step:,}: {eval_returns.mean():.1f} +/- {eval_returns.std():.1f} "
-                      f"over {len(eval_returns)} episodes", flush=True)
-                if eval_returns.mean() > best_eval:
-                    best_eval = float(eval_returns.mean())
-                    hooks.save("best.pt", Progress(global_step, iteration, best_eval))
-                if args.target_return is not None and eval_returns.mean() >= args.target_return:
-                    target_reached = (global_step, time.perf_counter() - start_time)
-                    writer.add_scalar("eval/target_reached_seconds", target_reached[1], global_step)
-            if (iteration % args.checkpoint_every == 0 or global_step == last_step or target_reached
-                    or 0 < args.checkpoint_seconds <= time.perf_counter() - last_save):
-                hooks.save("checkpoint.pt", Progress(global_step, iteration, best_eval))
-                last_save = time.perf_counter()
-            for phase, seconds in zip(("rollout", "batch", "update", "other"),
-                                      (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)):
-                timings[phase] += seconds
-            if target_reached:
-                break  # the learning-rate schedule was not shortened: it simply stops here
-        if hooks.stop_requested():
-            hooks.save("checkpoint.pt", Progress(global_step, iteration, best_eval))
+            global_step += args.batch_size
+            if after_iteration is not None and after_iteration(global_step=global_step, episodes=episodes,
+                                                               losses=losses, batch=batch, learning_rate=lr):
+                break
     finally:
         envs.close()
-        writer.close()
-    return Progress(global_step, iteration, best_eval, target_reached), timings
+    return global_step
 
 
-# ---------------------------------------------------------------------------------------------
-# 8. The harness: checks, signals, checkpoint files, resume, the command line.
-#    Nothing below changes what is learned; a reader learning PPO can stop here.
-# ---------------------------------------------------------------------------------------------
+# 8. The harness: run-control flags, progress, evaluations, checkpoint files, signals, resume, ----
+#    the compiled gradient step, the command line. Nothing below changes what is learned; a
+#    reader learning PPO can stop here.
 # Flags that --resume and --eval-checkpoint always take from the command line, never from the
 # checkpoint: where to run and what to do. Every other flag comes from the checkpoint unless given.
 FROM_COMMAND_LINE = {"cuda", "resume", "eval_checkpoint", "render", "export"}
@@ -776,54 +517,98 @@ class RunError(Exception):
         self.code = code
 
 
+class Diverged(Exception):
+    """A non-finite loss or weight: training cannot go on."""
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def check_args(args: Args) -> Optional[str]:
-    """The first thing wrong with the flags, as one line saying what to do, or None."""
-    for f in fields(Args):  # inf or nan would train silently into NaN weights
-        value = getattr(args, f.name)
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"{flag(f.name)} must be a finite number, got {value}"
-    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs",
-                 "hidden_size", "eval_episodes", "periodic_eval_episodes", "checkpoint_every"):
-        if getattr(args, name) <= 0:
-            return f"{flag(name)} must be positive, got {getattr(args, name)}"
-    for name in ("eval_every", "checkpoint_seconds", "print_every", "ent_coef", "vf_coef"):
-        if getattr(args, name) < 0:
-            return f"{flag(name)} must be 0 or more, got {getattr(args, name)}"
-    for name in ("learning_rate", "clip_coef", "max_grad_norm"):
-        if not getattr(args, name) > 0:
-            return f"{flag(name)} must be positive, got {getattr(args, name)}"
-    if args.target_kl is not None and not args.target_kl > 0:
-        return f"--target-kl must be positive (leave it out to turn it off), got {args.target_kl}"
-    for name in ("gamma", "gae_lambda"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            return f"{flag(name)} must lie in [0, 1], got {getattr(args, name)}"
-    if not 0 <= args.seed < 2**31:  # numpy takes seeds below 2^32; env seeds count up from it
-        return f"--seed must lie in [0, 2^31), got {args.seed}"
-    if not PLAIN_NAME.fullmatch(args.exp_name):
-        return (f"--exp-name must be a plain name (letters, digits, '.', '_', '-'; not starting with "
-                f"'.' or '-'), got {args.exp_name!r}")
-    if args.batch_size % args.num_minibatches:
-        return (f"the batch of {args.batch_size} (--num-envs x --num-steps) does not split into "
-                f"{args.num_minibatches} equal minibatches: change --num-minibatches")
-    if args.norm_adv and args.minibatch_size < 2:
-        return (f"minibatches of {args.minibatch_size} cannot normalize advantages: lower "
-                "--num-minibatches or pass --no-norm-adv")
-    if args.total_timesteps < args.batch_size:
-        return (f"--total-timesteps {args.total_timesteps} is less than one batch of "
-                f"{args.batch_size} (--num-envs x --num-steps): raise it or shrink the batch")
-    if args.resume and args.eval_checkpoint:
-        return "give --resume or --eval-checkpoint, not both"
-    if (args.render or args.export) and not args.eval_checkpoint:
-        return f"--{'render' if args.render else 'export'} works on a trained policy: add --eval-checkpoint PATH"
-    if args.render and args.export:
-        return "give --render or --export, not both"
-    if args.cuda and not torch.cuda.is_available():
-        return "--cuda was given but torch sees no CUDA device: drop --cuda"
-    return None
+@dataclass
+class RunArgs(Args):
+    """Every flag: the algorithm's (Args), then these, which never change what is learned."""
+
+    exp_name: str = SCRIPT  # name of the experiment: part of the run directory's name
+    runs_dir: str = "runs"  # folder that holds one sub-folder per run (TensorBoard logs, checkpoints, videos)
+    capture_video: bool = False  # record mp4 videos of env 0 during training and of the evaluation episodes
+    # On by default for long runs: a compiled gradient step costs about a quarter of an eager one
+    # on a CPU, and compiling (about 16 s from nothing, once per process) pays back after about
+    # 20,000 gradient steps (benchmark/RESULTS.md). Shorter runs train eagerly unless it is given.
+    compile: bool = True  # compile the gradient step in runs of 20,000+ gradient steps, or whenever given (needs g++)
+    eval_episodes: int = 100  # episodes of the deterministic evaluation at the end (and of --eval-checkpoint)
+    eval_every: int = 0  # evaluate every N iterations during training, keep the best policy as best.pt (0: off)
+    periodic_eval_episodes: int = 20  # episodes of each periodic evaluation (--eval-every)
+    checkpoint_every: int = 50  # write checkpoint.pt every N iterations (it is also written at the end and on Ctrl-C)
+    checkpoint_seconds: float = 60.0  # also write checkpoint.pt this many seconds after the last (0: off): a kill -9 loses less
+    print_every: float = 5.0  # seconds between progress lines
+    target_return: Optional[float] = None  # stop once a periodic evaluation's mean reaches this (evaluates every 1/40 of the run if --eval-every is 0)
+    resume: Optional[str] = None  # checkpoint.pt of a run to continue in its own run directory
+    eval_checkpoint: Optional[str] = None  # evaluate this checkpoint with the deterministic policy, and do not train
+    render: bool = False  # with --eval-checkpoint: play the policy in a window instead (5 episodes unless --eval-episodes)
+    export: Optional[str] = None  # with --eval-checkpoint: write the deterministic policy to this ONNX file, checked
+
+    def check(self) -> Optional[str]:
+        """The first thing wrong with the flags, as one line saying what to do, or None."""
+        if error := super().check():
+            return error
+        for name in ("eval_episodes", "periodic_eval_episodes", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                return f"{flag(name)} must be positive, got {getattr(self, name)}"
+        for name in ("eval_every", "checkpoint_seconds", "print_every"):
+            if getattr(self, name) < 0:
+                return f"{flag(name)} must be 0 or more, got {getattr(self, name)}"
+        if not PLAIN_NAME.fullmatch(self.exp_name):
+            return (f"--exp-name must be a plain name (letters, digits, '.', '_', '-'; not starting with "
+                    f"'.' or '-'), got {self.exp_name!r}")
+        if self.resume and self.eval_checkpoint:
+            return "give --resume or --eval-checkpoint, not both"
+        if (self.render or self.export) and not self.eval_checkpoint:
+            return f"--{'render' if self.render else 'export'} works on a trained policy: add --eval-checkpoint PATH"
+        if self.render and self.export:
+            return "give --render or --export, not both"
+        return None
+
+
+class Progress(NamedTuple):
+    global_step: int = 0
+    iteration: int = 0
+    best_eval: float = -math.inf  # best mean of the periodic evaluations so far
+    target_reached: Optional[tuple[int, float]] = None  # (step, seconds of training) of --target-return
+
+
+def final_step(args: Args, global_step: int = 0) -> int:
+    """Where a run that is at global_step ends: the last whole batch within total_timesteps."""
+    return global_step + (args.total_timesteps - global_step) // args.batch_size * args.batch_size
+
+
+def eval_seed(args: Args) -> int:
+    return args.seed + 1_000_000  # far from the training envs' seeds (seed + i)
+
+
+def capped_cubic(episode_id: int) -> bool:
+    """Which training episodes to film: 0, 1, 8, 27, ..., 729, then every 1000th (CleanRL's)."""
+    return round(episode_id ** (1 / 3)) ** 3 == episode_id if episode_id < 1000 else episode_id % 1000 == 0
+
+
+def make_training_envs(args: RunArgs, run_dir: str, global_step: int) -> gym.vector.SyncVectorEnv:
+    # A resumed run records into its own folder: the episode numbers start again from 0.
+    video_name = "train" if global_step == 0 else f"train_from_step_{global_step}"
+    video_dir = os.path.join(run_dir, "videos", video_name) if args.capture_video else None
+    return make_vector_env(
+        [make_env(args.env_id, video_dir if i == 0 else None, capped_cubic) for i in range(args.num_envs)])
+
+
+def make_writer(args: RunArgs, run_dir: str, global_step: int):
+    """A TensorBoard writer for run_dir; on resume it drops what an interrupted run logged after
+    its checkpoint (steps > global_step)."""
+    from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow to import
+
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if global_step else None)
+    if global_step == 0:
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+            f"|{k}|{v}|" for k, v in asdict(args).items()))
+    return writer
 
 
 def check_env(env_id: str) -> Optional[str]:
@@ -973,7 +758,7 @@ def load_checkpoint(path: str, entries: dict = EVAL_ENTRIES) -> dict:
         raise CheckpointError(f"{path} has checkpoint format {data.get('format')}, "
                               f"this script reads {CHECKPOINT_FORMAT} and 1")
     wrong = [k for k, kind in entries.items() if not fits(data.get(k), kind)]
-    wrong += [f"args.{f.name}" for f in fields(Args) if "args" not in wrong and f.name in data["args"]
+    wrong += [f"args.{f.name}" for f in fields(RunArgs) if "args" not in wrong and f.name in data["args"]
               and not fits(data["args"][f.name], f.type)]
     if "model" not in wrong and not all(isinstance(v, torch.Tensor) for v in data["model"].values()):
         wrong.append("model")
@@ -1007,7 +792,7 @@ def restore(agent, optimizer, data: dict) -> None:
 
 def explicit_flags(argv: list[str]) -> set[str]:
     """Names of the Args fields given on the command line (--flag, --flag=x, --no-flag)."""
-    names = {f.name for f in fields(Args)}
+    names = {f.name for f in fields(RunArgs)}
     given = set()
     for token in argv:
         if token.startswith("--"):
@@ -1016,9 +801,9 @@ def explicit_flags(argv: list[str]) -> set[str]:
     return given
 
 
-def args_from_checkpoint(data: dict, cli: Args, given: set[str]) -> Args:
+def args_from_checkpoint(data: dict, cli: RunArgs, given: set[str]) -> RunArgs:
     """The checkpoint's flags, overridden by the ones given explicitly on this command line."""
-    known = {f.name for f in fields(Args)}
+    known = {f.name for f in fields(RunArgs)}
     merged = {k: v for k, v in data["args"].items() if k in known}
     merged.update({k: getattr(cli, k) for k in given | FROM_COMMAND_LINE if k in known})
     env_id = merged.get("env_id", cli.env_id)
@@ -1026,7 +811,7 @@ def args_from_checkpoint(data: dict, cli: Args, given: set[str]) -> Args:
     if "env_id" not in given and env_id not in gym.registry:
         raise CheckpointError(f"the checkpoint names env {env_id!r}, which is not a registered Gymnasium id: "
                               f"pass --env-id {env_id} yourself if you trust the file")
-    return Args(**merged)
+    return RunArgs(**merged)
 
 
 def check_shapes(data: dict, args: Args, given: set[str]) -> Optional[str]:
@@ -1063,7 +848,7 @@ def check_resume(data: dict, args: Args, path: str) -> Optional[str]:
     return None
 
 
-def new_run_dir(args: Args) -> str:
+def new_run_dir(args: RunArgs) -> str:
     env_name = re.sub(r"[^A-Za-z0-9._-]", "-", args.env_id)  # "ALE/Pong-v5" must not make a subfolder
     name = f"{env_name}__{args.exp_name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.join(args.runs_dir, name)
@@ -1071,15 +856,42 @@ def new_run_dir(args: Args) -> str:
     return run_dir
 
 
-class Harness(TrainHooks):
-    """train()'s hooks for a run from the command line: progress lines, checkpoint files, and a
-    stop at the next env step on Ctrl-C, SIGTERM or SIGHUP (the signal handler is this object)."""
+LOSS_TAGS = {"pg_loss": "losses/policy_loss", "v_loss": "losses/value_loss", "entropy_loss": "losses/entropy",
+             "approx_kl": "losses/approx_kl", "old_approx_kl": "losses/old_approx_kl", "clipfrac": "losses/clipfrac"}
 
-    def __init__(self, args: Args, run_dir: str, agent: Agent, optimizer: torch.optim.Optimizer, start: Progress):
-        self.args, self.run_dir, self.agent, self.optimizer = args, run_dir, agent, optimizer
-        self.signum, self.total = 0, final_step(args, start.global_step)
-        self.start_step, self.last_print, self.last_print_step = None, -math.inf, 0
-        self.reported, self.saved_step = start, start.global_step if start.global_step else None
+
+def log_iteration(writer, *, global_step: int, episodes: list[Episode], sps: float, losses: dict[str, float],
+                  batch: Batch, learning_rate: float) -> None:
+    """TensorBoard scalars under CleanRL's tags. The x axis counts env steps, so runs of other
+    batch sizes compare on one axis."""
+    for episode in episodes:
+        writer.add_scalar("charts/episodic_return", episode.episode_return, episode.global_step)
+        writer.add_scalar("charts/episodic_length", episode.length, episode.global_step)
+    writer.add_scalar("charts/learning_rate", learning_rate, global_step)
+    writer.add_scalar("charts/SPS", sps, global_step)
+    for name, value in losses.items():
+        writer.add_scalar(LOSS_TAGS[name], value, global_step)
+    # 1 - Var(targets - values) / Var(targets): 1 is a perfect critic, 0 no better than a constant
+    residual, targets = (batch.value_targets - batch.values).var(), batch.value_targets.var()
+    writer.add_scalar("losses/explained_variance", (1 - residual / targets).item() if targets > 0 else math.nan,
+                      global_step)
+
+
+class Harness:
+    """Run control for a run from the command line, in train()'s after_iteration hook: progress
+    lines, periodic evaluations and best.pt, --target-return, checkpoint files, the divergence
+    check, and a stop after the current iteration on Ctrl-C, SIGTERM or SIGHUP (the signal
+    handler is this object)."""
+
+    def __init__(self, args: RunArgs, run_dir: str, agent: Agent, optimizer: torch.optim.Optimizer, start: Progress,
+                 writer=None, compiling: bool = False):
+        self.args, self.run_dir, self.agent, self.optimizer, self.writer = args, run_dir, agent, optimizer, writer
+        self.compiling = compiling
+        self.signum, self.total, self.progress = 0, final_step(args, start.global_step), start
+        self.start_step, self.recent_returns = start.global_step, deque(maxlen=20)
+        self.start_time = self.last_save = time.perf_counter()
+        self.last_print, self.last_print_step = -math.inf, start.global_step
+        self.saved_step = start.global_step if start.global_step else None
 
     def __call__(self, signum, frame):
         if self.signum:  # a second Ctrl-C: leave at once, without a new checkpoint
@@ -1091,11 +903,42 @@ class Harness(TrainHooks):
             print("\nsecond interrupt: exiting without a new checkpoint", file=sys.stderr)
             os._exit(128 + signum)
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint, then stopping "
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this iteration, then stopping "
               "(press Ctrl-C again to quit at once)", file=sys.stderr)
 
-    def stop_requested(self) -> bool:
-        return self.signum != 0
+    def after_iteration(self, *, global_step: int, episodes: list, losses: dict[str, float], batch: Batch,
+                        learning_rate: float) -> bool:
+        """train()'s hook: True stops training. Raises Diverged before anything of a non-finite
+        iteration is saved."""
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise Diverged("a non-finite loss")
+        if not all(torch.isfinite(p).all() for p in self.agent.parameters()):
+            raise Diverged("a non-finite weight")
+        args, (_, iteration, best_eval, target_reached) = self.args, self.progress
+        iteration, seconds = iteration + 1, time.perf_counter() - self.start_time
+        sps = (global_step - self.start_step) / seconds
+        log_iteration(self.writer, global_step=global_step, episodes=episodes, sps=sps, losses=losses, batch=batch,
+                      learning_rate=learning_rate)
+        self.recent_returns.extend(episode.episode_return for episode in episodes)
+        self.report(global_step, sps)
+        if args.eval_every and iteration % args.eval_every == 0:
+            eval_returns = evaluate(self.agent, args.env_id, args.periodic_eval_episodes, eval_seed(args),
+                                    next(self.agent.parameters()).device)
+            self.writer.add_scalar("eval/mean_return", eval_returns.mean(), global_step)
+            print(f"eval at step {global_step:,}: {eval_returns.mean():.1f} +/- {eval_returns.std():.1f} "
+                  f"over {len(eval_returns)} episodes", flush=True)
+            if eval_returns.mean() > best_eval:
+                best_eval = float(eval_returns.mean())
+                self.save("best.pt", Progress(global_step, iteration, best_eval))
+            if args.target_return is not None and eval_returns.mean() >= args.target_return:
+                target_reached = (global_step, seconds)
+                self.writer.add_scalar("eval/target_reached_seconds", seconds, global_step)
+        self.progress = Progress(global_step, iteration, best_eval, target_reached)
+        if (iteration % args.checkpoint_every == 0 or global_step == self.total or target_reached or self.signum
+                or 0 < args.checkpoint_seconds <= time.perf_counter() - self.last_save):
+            self.save("checkpoint.pt", self.progress)
+            self.last_save = time.perf_counter()
+        return bool(self.signum or target_reached)  # the learning-rate schedule was not shortened
 
     def save(self, name: str, progress: Progress) -> None:
         path = os.path.join(self.run_dir, name)
@@ -1113,18 +956,16 @@ class Harness(TrainHooks):
             return "no checkpoint was written before it"
         return f"{os.path.join(self.run_dir, 'checkpoint.pt')} (step {self.saved_step:,}) is intact"
 
-    def report(self, progress: Progress, sps: float, recent_returns: list[float]) -> None:
-        first, self.reported = self.start_step is None, progress
-        self.start_step = progress.global_step if first else self.start_step
-        now, total, step = time.perf_counter(), self.total, progress.global_step
+    def report(self, step: int, sps: float) -> None:
+        now, total, first = time.perf_counter(), self.total, self.last_print == -math.inf
         if not (first or step >= total or now - self.last_print >= self.args.print_every):
             return
         # The ETA goes by the speed since the previous line: the first iteration of a compiled run
         # holds the compiling, and would overstate the time left for the rest of the run.
         rate = sps if first else (step - self.last_print_step) / max(now - self.last_print, 1e-9)
         self.last_print, self.last_print_step = now, step
-        eta = "after compiling" if first and self.args.compile else format_seconds((total - step) / max(rate, 1e-9))
-        mean_return = f"{np.mean(recent_returns):8.1f}" if recent_returns else "     n/a"
+        eta = "after compiling" if first and self.compiling else format_seconds((total - step) / max(rate, 1e-9))
+        mean_return = f"{np.mean(self.recent_returns):8.1f}" if self.recent_returns else "     n/a"
         print(f"step {step:>10,}/{total:,} ({100 * step / total:3.0f}%) | {sps:6,.0f} steps/s | "
               f"return {mean_return} (last 20 episodes) | ETA {eta}", flush=True)
 
@@ -1249,6 +1090,7 @@ def report_evaluation(eval_returns: np.ndarray, path: Optional[str], global_step
 # nothing took about 16 s, and then saved about 0.8 ms per gradient step, so it pays back after
 # about 20,000 (benchmark/RESULTS.md).
 COMPILE_MIN_STEPS = 20_000
+PROOF_EVERY = 1000  # the compiled step checks itself against gradient_step every this many steps
 
 
 def gradient_steps(args: Args) -> int:
@@ -1259,14 +1101,118 @@ def cpp_compiler_found() -> bool:
     return bool(os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++")))
 
 
-def prepare(cli: Args, given: set[str]) -> tuple[Args, Optional[dict]]:
+class CompiledGradientStep:
+    """gradient_step's arithmetic as one compiled graph, about a quarter of its time on a CPU
+    (benchmark/RESULTS.md); update(step_fn=...) calls it as it calls gradient_step.
+
+    It proves itself before use and every PROOF_EVERY steps after: from the same state, on the
+    same minibatch, it must change the weights and the optimizer state as gradient_step does (up
+    to float rounding). If it does not (gradient_step or the optimizer was edited), or compiling
+    fails, it says so once and steps aside for gradient_step. Called with another agent,
+    optimizer or args, it is gradient_step. While it runs, p.grad stays None.
+
+    On 64-row minibatches nearly all of an eager step is PyTorch's fixed cost per operation, some
+    hundreds of them; torch.compile turns them into one call of generated C++. For one graph to
+    hold the whole step, the gradients come from torch.autograd.grad instead of backward(), Adam
+    runs as torch.optim's functional adam() on the optimizer's own state, and the learning rate
+    is a tensor, so that annealing it does not recompile.
+    """
+
+    def __init__(self, agent: Agent, optimizer: torch.optim.Optimizer, args: Args):
+        self.own, self.calls, self.eager = (agent, optimizer, args), 0, False
+        self.params = list(agent.parameters())
+        # cpp_wrapper: the kernels are called from C++ rather than Python; the same kernels and
+        # results, about 10% less time per step (measured on a CPU only, so used there only).
+        self.graph = torch.compile(self.fused_step, fullgraph=True, dynamic=False,
+                                   options={"cpp_wrapper": self.params[0].device.type == "cpu"})
+
+    def fused_step(self, mb: Batch, lr: torch.Tensor) -> dict:
+        from torch.optim.adam import adam  # the arithmetic of torch.optim.Adam, as a function
+
+        (agent, optimizer, args), group = self.own, self.own[1].param_groups[0]
+        newlogprob, entropy, newvalue = agent.logprob_entropy_value(mb.obs, mb.actions)
+        advantages = mb.advantages
+        if args.norm_adv:
+            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+        loss, parts = ppo_loss(newlogprob=newlogprob, oldlogprob=mb.logprobs, advantages=advantages,
+                               newvalue=newvalue, oldvalue=mb.values, value_targets=mb.value_targets, entropy=entropy,
+                               clip_coef=args.clip_coef, vf_coef=args.vf_coef, ent_coef=args.ent_coef,
+                               clip_vloss=args.clip_vloss)
+        grads = torch.autograd.grad(loss, self.params)
+        # clip_grad_norm_'s arithmetic: one norm over all gradients, scaled down to max_grad_norm
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        grads = [g * (args.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0) for g in grads]
+        state = [optimizer.state[p] for p in self.params]
+        with torch.no_grad():
+            adam(self.params, grads, [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [],
+                 [s["step"] for s in state], amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
+                 lr=lr, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        return parts
+
+    def run_graph(self, mb: Batch) -> dict:
+        import torch._dynamo
+
+        with torch._dynamo.config.patch(trace_autograd_ops=True):  # lets the graph hold autograd.grad
+            return self.graph(mb, torch.tensor(self.own[1].param_groups[0]["lr"], device=mb.obs.device))
+
+    def tensors(self) -> list[torch.Tensor]:
+        optimizer = self.own[1]
+        return self.params + [v for p in self.params for v in optimizer.state[p].values() if isinstance(v, torch.Tensor)]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for t, s in zip(self.tensors(), saved):
+                t.copy_(s)
+
+    def __call__(self, *, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Batch, args: Args) -> dict:
+        # Adam creates its state in its first step, so that one is always gradient_step's.
+        if self.eager or any(a is not b for a, b in zip((agent, optimizer, args), self.own)) or not optimizer.state:
+            return gradient_step(agent=agent, optimizer=optimizer, mb=mb, args=args)
+        self.calls += 1
+        if self.calls % PROOF_EVERY != 1:
+            return self.run_graph(mb)
+        before = [t.detach().clone() for t in self.tensors()]
+        parts = gradient_step(agent=agent, optimizer=optimizer, mb=mb, args=args)
+        expected = [t.detach().clone() for t in self.tensors()]
+        self.restore(before)
+        try:
+            self.run_graph(mb)
+            # What each step changed, tensor by tensor, not the weights themselves: an edit such as
+            # AdamW's weight decay moves a weight by far less than its rounding tolerance.
+            same = all(torch.linalg.vector_norm(got - e) <= 1e-3 * torch.linalg.vector_norm(e - b) + 1e-12
+                       for got, e, b in zip(self.tensors(), expected, before))
+            reason = "it does not change the weights as gradient_step does (was it or the optimizer edited?)"
+        except Exception as e:  # e.g. a broken C++ compiler
+            same, reason = False, f"compiling it failed ({type(e).__name__}: {(str(e).strip() or '?').splitlines()[0][:200]})"
+        optimizer.zero_grad(set_to_none=True)
+        if not same:
+            self.restore(expected)
+            self.eager = True
+            print(f"note: the compiled gradient step was not used: {reason}; training with gradient_step",
+                  file=sys.stderr)
+        return parts
+
+
+def choose_gradient_step(args: RunArgs, agent: Agent, optimizer: torch.optim.Optimizer, forced: bool = False):
+    """The one place that decides whether to compile: gradient_step itself, or CompiledGradientStep
+    for a run long enough to pay for compiling (or forced, as by an explicit --compile)."""
+    if not args.compile or not (forced or (not args.cuda and gradient_steps(args) >= COMPILE_MIN_STEPS)):
+        return gradient_step
+    if not cpp_compiler_found():
+        print("note: compiling the gradient step needs a C++ compiler and none was found (g++, clang++ or "
+              "$CXX): training without compiling (--no-compile: without this note)", file=sys.stderr)
+        return gradient_step
+    return CompiledGradientStep(agent, optimizer, args)
+
+
+def prepare(cli: RunArgs, given: set[str]) -> tuple[RunArgs, Optional[dict]]:
     """The flags to run with and the checkpoint to start from, checked (run() checks a resume's
     optimizer state and steps left); else RunError or CheckpointError, before anything is written."""
     checkpoint, args = None, cli
     if cli.resume or cli.eval_checkpoint:
         checkpoint = load_checkpoint(cli.resume or cli.eval_checkpoint, RESUME_ENTRIES if cli.resume else EVAL_ENTRIES)
         args = args_from_checkpoint(checkpoint, cli, given)
-    if (error := check_args(args)) or (error := check_env(args.env_id)):
+    if (error := args.check()) or (error := check_env(args.env_id)):
         raise RunError(error)
     if args.render and (error := check_display()):
         raise RunError(error)
@@ -1276,12 +1222,6 @@ def prepare(cli: Args, given: set[str]) -> tuple[Args, Optional[dict]]:
             raise RunError(f"--export needs {', '.join(missing)}: pip install -r benchmark/requirements.txt")
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.export))):
             raise RunError(f"--export {args.export}: its folder does not exist")
-    if args.compile and "compile" not in given and (args.cuda or gradient_steps(args) < COMPILE_MIN_STEPS):
-        args = replace(args, compile=False)  # too short a run to pay for compiling (or on a GPU: untried)
-    if args.compile and not args.eval_checkpoint and not cpp_compiler_found():
-        print("note: compiling the gradient step needs a C++ compiler and none was found (g++, clang++ or "
-              "$CXX): training without compiling (--no-compile: without this note)", file=sys.stderr)
-        args = replace(args, compile=False)
     if args.target_return is not None and args.eval_every == 0:
         args = replace(args, eval_every=max(1, args.num_iterations // 40))
     if error := check_memory(args, *env_shapes(args.env_id)):
@@ -1293,23 +1233,48 @@ def prepare(cli: Args, given: set[str]) -> tuple[Args, Optional[dict]]:
     return args, checkpoint
 
 
-def run(cli: Args, argv: list[str]) -> int:
+def evaluate_checkpoint(args: RunArgs, checkpoint: dict, given: set[str], capture_video: bool) -> int:
+    """--eval-checkpoint: evaluate, play (--render) or export (--export) a trained policy."""
+    device = torch.device("cuda" if args.cuda else "cpu")
+    agent = agent_from_checkpoint(checkpoint, device)
+    step, run_dir = checkpoint["global_step"], os.path.dirname(os.path.abspath(args.eval_checkpoint))
+    if args.render:
+        watch(agent, args.env_id, args.eval_episodes if "eval_episodes" in given else 5, eval_seed(args), device)
+    elif args.export:
+        print(export_onnx(agent, args.env_id, args.export))
+    else:  # videos only when asked on this command line, not because the run was trained with them
+        video_dir = os.path.join(run_dir, "videos", f"eval_checkpoint_step_{step}") if capture_video else None
+        report_evaluation(evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir),
+                          None, step)
+    return 0
+
+
+def finish(args: RunArgs, run_dir: str, agent: Agent, harness: Harness) -> int:
+    """The deterministic evaluation at the end of a run, and evaluation.json."""
+    progress = harness.progress
+    video_dir = os.path.join(run_dir, "videos", "eval") if args.capture_video else None
+    eval_returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), next(agent.parameters()).device,
+                            video_dir)
+    if progress.target_reached:
+        print(f"--target-return {args.target_return} reached at step {progress.target_reached[0]:,}, after "
+              f"{progress.target_reached[1]:.0f} s of training")
+    reached = progress.target_reached or (None, None)
+    try:
+        report_evaluation(eval_returns, os.path.join(run_dir, "evaluation.json"), progress.global_step,
+                          target_return=args.target_return, target_reached_step=reached[0],
+                          target_reached_seconds=reached[1])
+    except OSError as e:
+        raise RunError(f"cannot write the evaluation into {run_dir} ({e.strerror or e}); "
+                       f"{harness.last_checkpoint()}", code=1) from None
+    print(f"run dir: {run_dir}\n  tensorboard --logdir {args.runs_dir}")
+    return 0
+
+
+def run(cli: RunArgs, argv: list[str]) -> int:
     given = explicit_flags(argv)
     args, checkpoint = prepare(cli, given)
-    device = torch.device("cuda" if args.cuda else "cpu")
     if args.eval_checkpoint:
-        agent = agent_from_checkpoint(checkpoint, device)
-        step, run_dir = checkpoint["global_step"], os.path.dirname(os.path.abspath(args.eval_checkpoint))
-        if args.render:
-            watch(agent, args.env_id, args.eval_episodes if "eval_episodes" in given else 5, eval_seed(args), device)
-        elif args.export:
-            print(export_onnx(agent, args.env_id, args.export))
-        else:  # videos only when asked on this command line, not because the run was trained with them
-            video_dir = os.path.join(run_dir, "videos", f"eval_checkpoint_step_{step}") if cli.capture_video else None
-            report_evaluation(evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir),
-                              None, step)
-        return 0
-
+        return evaluate_checkpoint(args, checkpoint, given, cli.capture_video)
     agent, optimizer = make_agent_and_optimizer(args)
     start = Progress()
     if checkpoint is not None:
@@ -1326,23 +1291,28 @@ def run(cli: Args, argv: list[str]) -> int:
             raise RunError(f"cannot create the run directory ({e}): pick another --runs-dir or --exp-name") from None
     print(f"{SCRIPT}: {args.env_id}, {args.batch_size}-step batches ({args.num_envs} envs x {args.num_steps} "
           f"steps) to step {final_step(args, start.global_step):,}, minibatch {args.minibatch_size}, run dir {run_dir}")
-    if args.compile:
+    step_fn = choose_gradient_step(args, agent, optimizer, forced="compile" in given)
+    if step_fn is not gradient_step:
         print("compiling the gradient step (torch.compile): the first iteration takes up to ~20 s longer on a "
               "machine's first run, a few seconds once Inductor's cache holds the code (--no-compile: eager)")
-
-    harness = Harness(args, run_dir, agent, optimizer, start)
+    writer = make_writer(args, run_dir, start.global_step)
+    harness = Harness(args, run_dir, agent, optimizer, start, writer, compiling=step_fn is not gradient_step)
     signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     for signum in signals:
         signal.signal(signum, harness)
     try:
-        progress, timings = train(args, run_dir, agent, optimizer, start, harness)
+        train(args, agent, optimizer, make_training_envs(args, run_dir, start.global_step), start.global_step,
+              step_fn, harness.after_iteration)
     except Diverged as e:
-        raise RunError(f"training diverged in the iteration after step {harness.reported.global_step:,} ({e}); nothing was saved "
-                       f"after it: {harness.last_checkpoint()}. Try a lower --learning-rate than "
+        raise RunError(f"training diverged in the iteration after step {harness.progress.global_step:,} ({e}); nothing "
+                       f"was saved after it: {harness.last_checkpoint()}. Try a lower --learning-rate than "
                        f"{args.learning_rate}", code=1) from None
     except OSError as e:  # TensorBoard or video files
         raise RunError(f"cannot write in {run_dir} ({e.strerror or e}): training stopped; "
                        f"{harness.last_checkpoint()}", code=1) from None
+    finally:
+        writer.close()
+    progress = harness.progress
     if harness.signum:
         print(f"stopped at step {progress.global_step:,}; checkpoint saved. Resume with:\n"
               f"  python {SCRIPT}.py --resume {os.path.join(run_dir, 'checkpoint.pt')}", file=sys.stderr)
@@ -1350,31 +1320,14 @@ def run(cli: Args, argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C now stops the evaluation
     for signum in signals[1:]:
         signal.signal(signum, signal.SIG_DFL)
-    total = sum(timings.values()) or 1.0
-    print("time split: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in timings.items()))
-
-    video_dir = os.path.join(run_dir, "videos", "eval") if args.capture_video else None
-    eval_returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir)
-    if progress.target_reached:
-        print(f"--target-return {args.target_return} reached at step {progress.target_reached[0]:,}, after "
-              f"{progress.target_reached[1]:.0f} s of training")
-    reached = progress.target_reached or (None, None)
-    try:
-        report_evaluation(eval_returns, os.path.join(run_dir, "evaluation.json"), progress.global_step,
-                          target_return=args.target_return, target_reached_step=reached[0],
-                          target_reached_seconds=reached[1])
-    except OSError as e:
-        raise RunError(f"cannot write the evaluation into {run_dir} ({e.strerror or e}); "
-                       f"{harness.last_checkpoint()}", code=1) from None
-    print(f"run dir: {run_dir}\n  tensorboard --logdir {args.runs_dir}")
-    return 0
+    return finish(args, run_dir, agent, harness)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     import tyro
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    cli = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
+    cli = tyro.cli(RunArgs, args=argv, description=__doc__.split("\n\n")[0])
     # One torch thread: for 64-wide layers a second thread costs more in sync than it gains.
     torch.set_num_threads(1)
     try:

@@ -67,7 +67,7 @@ def test_eval_checkpoint_reproduces_the_final_evaluation(script, tmp_path, capsy
     out = capsys.readouterr().out
     assert f"evaluation: {final['mean']:.1f} +/- {final['std']:.1f} over 3 episodes" in out
     ckpt = script.load_checkpoint(str(run_dir / "checkpoint.pt"))
-    args = script.Args(**ckpt["args"])
+    args = script.RunArgs(**ckpt["args"])
     again = script.evaluate(script.agent_from_checkpoint(ckpt), args.env_id, 3, script.eval_seed(args))
     assert again.tolist() == final["returns"]  # episode by episode
     assert len(os.listdir(tmp_path / "runs")) == 1  # evaluating starts no new run
@@ -111,7 +111,7 @@ def test_checkpoint_write_is_atomic(script, tmp_path, monkeypatch):
     agent = script.agent_from_checkpoint(script.load_checkpoint(str(run_dir / "checkpoint.pt")))
     with pytest.raises(OSError):
         script.save_checkpoint(str(run_dir / "checkpoint.pt"), agent=agent, optimizer=torch.optim.Adam(agent.parameters()),
-                               args=script.Args(), progress=script.Progress(), resumable=True)
+                               args=script.RunArgs(), progress=script.Progress(), resumable=True)
     assert (run_dir / "checkpoint.pt").read_bytes() == good
     assert sorted(os.listdir(run_dir)) == sorted(f for f in os.listdir(run_dir) if ".tmp" not in f)
 

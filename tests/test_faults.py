@@ -128,41 +128,38 @@ def test_divergence_from_the_command_line_exits_1_without_a_traceback(script, tm
     assert "training diverged" in result.stderr and result.stderr.count("\n") == 1
 
 
-def test_a_nan_action_never_reaches_the_env(script, monkeypatch):
-    env_id = FAST_ENV[script.__name__]
-    envs = script.make_vector_env([script.make_env(env_id) for _ in range(2)])
-    obs, _ = envs.reset(seed=0)
-    sent = []
-    real_step = envs.step
-    monkeypatch.setattr(envs, "step", lambda action: sent.append(action) or real_step(action))
-    obs_dim, act = script.env_shapes(env_id)
-    agent = script.Agent(obs_dim, act)
-    with torch.no_grad():
-        agent.actor[-1].bias.fill_(math.nan)
-    dtype = np.int64 if script.__name__ == "ppo_discrete" else np.float32
-    rollout = script.new_rollout(4, 2, obs_dim, envs.single_action_space.shape, dtype)
-    if script.__name__ == "ppo_continuous":
-        with pytest.raises(script.Diverged, match="non-finite action"):
-            script.collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout, global_step=0)
-        assert sent == []
-    else:  # a sample of NaN logits is still an integer; the update's weight check catches them
-        script.collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout, global_step=0)
-        assert all(np.isin(a, np.arange(act)).all() for a in sent)
+def test_non_finite_weights_never_act(script, tmp_path, monkeypatch):
+    # The loss turns NaN in the second iteration; the harness must stop the run before the NaN
+    # weights collect another rollout (the continuous policy would send NaN actions to the env).
+    real_loss, real_collect, calls, finite = script.ppo_loss, script.collect_rollout, [], []
+
+    def loss_that_blows_up(**kwargs):
+        calls.append(1)
+        loss, parts = real_loss(**kwargs)
+        return (loss * math.nan if len(calls) > 4 else loss), parts
+
+    def collect(**kwargs):
+        finite.append(all(torch.isfinite(p).all() for p in kwargs["agent"].parameters()))
+        return real_collect(**kwargs)
+
+    monkeypatch.setattr(script, "ppo_loss", loss_that_blows_up)
+    monkeypatch.setattr(script, "collect_rollout", collect)
+    assert run_main(script, tiny(script, "--total-timesteps", "256"), tmp_path) == 1
+    assert finite == [True, True]
 
 
-def test_the_update_refuses_non_finite_weights(script):
+@pytest.mark.parametrize("where", ["weight", "loss"])
+def test_the_harness_refuses_a_non_finite_iteration(script, tmp_path, where):
     obs_dim, act = script.env_shapes(FAST_ENV[script.__name__])
     agent = script.Agent(obs_dim, act)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
-    with torch.no_grad():
-        agent.critic[0].weight[0, 0] = math.inf
-    n = 8
-    actions = torch.zeros(n, dtype=torch.long) if script.__name__ == "ppo_discrete" else torch.zeros(n, act)
-    batch = script.Batch(obs=torch.zeros(n, obs_dim), actions=actions, logprobs=torch.zeros(n),
-                         advantages=torch.randn(n), value_targets=torch.zeros(n), values=torch.zeros(n))
-    args = script.Args(num_envs=1, num_steps=n, num_minibatches=2, update_epochs=1)
-    with pytest.raises(script.Diverged):
-        script.update(agent=agent, optimizer=optimizer, batch=batch, args=args)
+    if where == "weight":
+        with torch.no_grad():
+            agent.critic[0].weight[0, 0] = math.inf
+    harness = script.Harness(script.RunArgs(), str(tmp_path), agent, None, script.Progress())
+    losses = {"pg_loss": math.nan if where == "loss" else 0.0}
+    with pytest.raises(script.Diverged, match=f"non-finite {where}"):
+        harness.after_iteration(global_step=64, episodes=[], losses=losses, batch=None, learning_rate=1e-3)
+    assert os.listdir(tmp_path) == []  # nothing saved
 
 
 def test_a_nan_evaluation_still_writes_valid_json(script, tmp_path):
@@ -333,7 +330,7 @@ def test_disk_full_during_a_run_is_one_line_and_keeps_the_last_checkpoint(script
 
 
 def test_a_second_interrupt_removes_the_temp_file_being_written(script, tmp_path, monkeypatch):
-    harness = script.Harness(script.Args(), str(tmp_path), None, None, script.Progress())
+    harness = script.Harness(script.RunArgs(), str(tmp_path), None, None, script.Progress())
     tmp = tmp_path / "checkpoint.pt.abc.tmp"
     tmp.write_bytes(b"partial")
     monkeypatch.setattr(script, "TEMP_FILES", {str(tmp)})

@@ -74,8 +74,8 @@ def collect(script, ending, seed=0):
 def test_the_rollout_stores_each_episode_end_with_its_final_observation(script, ending):
     rollout, obs, episodes = collect(script, ending)
     ends = np.array([0, 0, 1, 0, 0, 1, 0], dtype=np.float32)[:, None].repeat(N, 1)
-    np.testing.assert_array_equal(rollout.dones, ends)
     np.testing.assert_array_equal(rollout.terminations, ends if ending == "terminated" else 0 * ends)
+    np.testing.assert_array_equal(rollout.truncations, ends if ending == "truncated" else 0 * ends)
     steps_in_episode = np.array([0, 1, 2, 0, 1, 2, 0], dtype=np.float32)[:, None]
     np.testing.assert_array_equal(rollout.obs[..., 0], steps_in_episode.repeat(N, 1))
     # s_t+1 of an ended episode is its final observation (3 steps), not the next one's first (0)
@@ -115,21 +115,3 @@ def test_the_batch_scores_the_actions_the_rollout_took(script):
     for row in (0, 5, T * N - 1):  # one transition at a time gives the same log-prob
         logprob, _, _ = agent.logprob_entropy_value(batch.obs[row:row + 1], batch.actions[row:row + 1])
         torch.testing.assert_close(batch.logprobs[row:row + 1], logprob.detach())
-
-
-def test_a_stop_request_ends_the_rollout_early(script):
-    env = env_id(script, "truncated")
-    envs = script.make_vector_env([script.make_env(env) for _ in range(N)])
-    obs, _ = envs.reset(seed=0)
-    dtype = np.int64 if script.__name__ == "ppo_discrete" else np.float32
-    rollout = script.new_rollout(T, N, 2, envs.single_action_space.shape, dtype)
-    calls = []
-
-    def stop_after_two():
-        calls.append(1)
-        return len(calls) >= 2
-
-    agent = script.Agent(2, 1 if script.__name__ == "ppo_continuous" else 2)
-    obs, _ = script.collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout, global_step=0,
-                                    stop_requested=stop_after_two)
-    assert len(calls) == 2 and obs[0, 0] == 2  # two env steps taken, no more
