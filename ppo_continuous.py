@@ -67,7 +67,7 @@ except KeyboardInterrupt:
     sys.exit(130)
 
 SCRIPT = "ppo_continuous"
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 
 
 # 1. Hyperparameters ------------------------------------------------------------------------------
@@ -246,9 +246,6 @@ class Agent(nn.Module):
         super().__init__()
         self.norm_obs = norm_obs
         self.obs_rms = RunningMeanStd((obs_dim,))
-        # Statistics of the discounted return, for reward scaling (RewardScaler, section 6):
-        # training state, not policy, kept here so that one state_dict holds every statistic.
-        self.return_rms = RunningMeanStd(())
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_dim, hidden_size)), nn.Tanh(),
             layer_init(nn.Linear(hidden_size, hidden_size)), nn.Tanh(),
@@ -423,42 +420,29 @@ def collect_rollout(*, envs, agent: nn.Module, obs: np.ndarray, rollout: Rollout
     return obs, episodes
 
 
-def discounted_returns(*, rewards, dones, running, gamma):
-    """Per env, the discounted return so far, G_t = gamma * G_t-1 + r_t, restarted after each
-    episode's end: the quantity whose running std reward scaling divides by [37-c8].
-
-    rewards, dones: (T, N) numpy arrays; running: (N,) G carried over from the previous rollout.
-    Returns (G of shape (T, N), the (N,) G to carry into the next rollout).
-    """
-    discounted = np.zeros(rewards.shape)
-    for t in range(len(rewards)):
-        running = running * gamma + rewards[t]
-        discounted[t] = running
-        running = np.where(dones[t] == 1, 0.0, running)
-    return discounted, running
-
-
-class RewardScaler:
+class RewardScaler(nn.Module):
     """Between phases 1 and 2: rewards divided by the running std of the discounted return, and
-    clipped to [-10, 10] [37-c8,c9].
+    clipped to [-10, 10] [37-c8,c9]. Training state, not policy: it is not part of the Agent.
 
     The std of the return, not of the reward, so that value targets keep a steady scale; the mean
-    is not subtracted, which would change the problem. One set of statistics for all envs, kept
-    in agent.return_rms (so checkpoints carry it); each env's running return is kept here.
+    is not subtracted, which would change the problem. One set of statistics for all envs
+    (return_rms, a buffer that checkpoints carry); each env's discounted return runs on from one
+    rollout into the next.
     """
 
-    def __init__(self, return_rms: RunningMeanStd, num_envs: int, gamma: float):
-        self.return_rms, self.gamma = return_rms, gamma
-        self.discounted_return = np.zeros(num_envs)  # carried from one rollout into the next
+    def __init__(self, num_envs: int, gamma: float):
+        super().__init__()
+        self.return_rms, self.gamma, self.discounted_return = RunningMeanStd(()), gamma, np.zeros(num_envs)
 
-    def __call__(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
-        """rewards, dones: (T, N) of one rollout. Returns the scaled rewards, (T, N) float32."""
-        returns_seen, self.discounted_return = discounted_returns(
-            rewards=rewards, dones=dones, running=self.discounted_return, gamma=self.gamma)
-        self.return_rms.update(torch.from_numpy(returns_seen.reshape(-1)).to(self.return_rms.var.device))
-        scale = float(torch.sqrt(self.return_rms.var + 1e-8))
-        return np.clip(rewards / scale, -10.0, 10.0).astype(np.float32)
-
+    def forward(self, rewards: np.ndarray, dones: np.ndarray) -> np.ndarray:
+        """rewards, dones: (T, N) numpy arrays of one rollout. Returns the scaled rewards, (T, N) float32."""
+        returns_seen = np.zeros(rewards.shape)
+        for t in range(len(rewards)):  # G_t = gamma * G_t-1 + r_t, restarted after each episode's end
+            self.discounted_return = self.discounted_return * self.gamma + rewards[t]
+            returns_seen[t] = self.discounted_return
+            self.discounted_return = np.where(dones[t] == 1, 0.0, self.discounted_return)
+        self.return_rms.update(torch.from_numpy(returns_seen.reshape(-1)))
+        return np.clip(rewards / float(torch.sqrt(self.return_rms.var + 1e-8)), -10.0, 10.0).astype(np.float32)
 
 class Batch(NamedTuple):
     """A rollout flattened to T*N transitions, with what the loss needs; each field (T*N, ...)."""
@@ -569,14 +553,14 @@ def make_agent_and_optimizer(args: Args) -> tuple[Agent, torch.optim.Optimizer]:
 
 
 def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None, global_step: int = 0,
-          step_fn=gradient_step, after_iteration=None) -> int:
+          step_fn=gradient_step, after_iteration=None, reward_scaler: Optional[RewardScaler] = None) -> int:
     """PPO (the paper's Algorithm 1) from global_step (0, or where a resumed run stopped) for as
     many whole batches as fit in total_timesteps. Returns the step reached.
 
     envs: the vector env (by default num_envs of env_id); step_fn: gradient_step, or a faster
     equivalent. after_iteration(global_step=, episodes=, losses=, batch=, learning_rate=) runs
     after each iteration and returns True to stop: the harness's logging, progress lines,
-    evaluations, checkpoints and Ctrl-C live there.
+    evaluations, checkpoints and Ctrl-C live there. reward_scaler: a resumed run's (else a new one).
     """
     envs = envs or make_vector_env([make_env(args.env_id) for _ in range(args.num_envs)])
     last_step = global_step + (args.total_timesteps - global_step) // args.batch_size * args.batch_size
@@ -584,7 +568,7 @@ def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None,
     obs, _ = envs.reset(seed=args.seed + global_step // args.num_steps)
     rollout = new_rollout(args.num_steps, args.num_envs, envs.single_observation_space.shape[0],
                           envs.single_action_space.shape, np.float32)
-    scale_rewards = RewardScaler(agent.return_rms, args.num_envs, args.gamma)
+    scale_rewards = RewardScaler(args.num_envs, args.gamma) if reward_scaler is None else reward_scaler
     try:
         while global_step < last_step:
             # Linear annealing [37-4]: learning_rate in the first iteration, down to
@@ -821,9 +805,11 @@ def write_atomically(path: str, write) -> None:
             os.remove(tmp)
 
 
-def save_checkpoint(path: str, *, agent, optimizer, args: Args, progress: Progress, resumable: bool) -> None:
-    """resumable: the run's latest state (checkpoint.pt), not a snapshot to evaluate (best.pt)."""
-    data = {"script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(args), "resumable": resumable,
+def save_checkpoint(path: str, *, agent, optimizer, args: Args, progress: Progress, resumable: bool,
+                    state: Optional[dict] = None) -> None:
+    """resumable: the run's latest state (checkpoint.pt), not a snapshot to evaluate (best.pt);
+    state: training_state()'s modules."""
+    data = {**{name: module.state_dict() for name, module in (state or {}).items()}, "script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(args), "resumable": resumable,
             "obs_dim": agent.actor[0].in_features, ACTION_SIZE: agent.actor[-1].out_features, "model": agent.state_dict(),
             "optimizer": optimizer.state_dict(), "global_step": progress.global_step,
             "iteration": progress.iteration, "best_eval": float(progress.best_eval), "rng": get_rng_state()}
@@ -864,9 +850,11 @@ def load_checkpoint(path: str, entries: dict = EVAL_ENTRIES) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint of {SCRIPT}.py{hint}")
     if data.get("format") == 1:  # before format 2, only the file name told whether it was resumable
         data["resumable"] = os.path.basename(path) != "best.pt"
-    elif data.get("format") != CHECKPOINT_FORMAT:
+    elif data.get("format") not in (2, CHECKPOINT_FORMAT):
         raise CheckpointError(f"{path} has checkpoint format {data.get('format')}, "
-                              f"this script reads {CHECKPOINT_FORMAT} and 1")
+                              f"this script reads {CHECKPOINT_FORMAT}, 2 and 1")
+    if data["format"] < 3 and isinstance(data.get("model"), dict):  # the reward scaler's statistics moved
+        data["reward_scaler"] = {k: data["model"].pop(k) for k in list(data["model"]) if k.startswith("return_rms.")}
     wrong = [k for k, kind in entries.items() if not fits(data.get(k), kind)]
     wrong += [f"args.{f.name}" for f in fields(RunArgs) if "args" not in wrong and f.name in data["args"]
               and not fits(data["args"][f.name], f.type)]
@@ -889,11 +877,13 @@ def agent_from_checkpoint(data: dict, device="cpu") -> Agent:
     return agent.to(device)
 
 
-def restore(agent, optimizer, data: dict) -> None:
-    """Load the weights, optimizer state and RNG states of a resumable checkpoint."""
+def restore(agent, optimizer, state: dict, data: dict) -> None:
+    """Load the weights, optimizer state, training_state() and RNG states of a resumable checkpoint."""
     agent.load_state_dict(data["model"])
     try:
         optimizer.load_state_dict(data["optimizer"])
+        for name, module in state.items():
+            module.load_state_dict(data[name])
         set_rng_state(data["rng"])
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError):
         raise CheckpointError("the checkpoint's optimizer or RNG state is damaged: it cannot be resumed; "
@@ -958,6 +948,11 @@ def check_resume(data: dict, args: Args, path: str) -> Optional[str]:
     return None
 
 
+def training_state(args: RunArgs) -> dict:
+    """What training keeps besides the agent and the optimizer, by checkpoint entry."""
+    return {"reward_scaler": RewardScaler(args.num_envs, args.gamma)}
+
+
 def new_run_dir(args: RunArgs) -> str:
     env_name = re.sub(r"[^A-Za-z0-9._-]", "-", args.env_id)  # "ALE/Pong-v5" must not make a subfolder
     name = f"{env_name}__{args.exp_name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
@@ -994,9 +989,9 @@ class Harness:
     handler is this object)."""
 
     def __init__(self, args: RunArgs, run_dir: str, agent: Agent, optimizer: torch.optim.Optimizer, start: Progress,
-                 writer=None, compiling: bool = False):
+                 writer=None, compiling: bool = False, state: Optional[dict] = None):
         self.args, self.run_dir, self.agent, self.optimizer, self.writer = args, run_dir, agent, optimizer, writer
-        self.compiling = compiling
+        self.compiling, self.state = compiling, state or {}
         self.signum, self.total, self.progress = 0, final_step(args, start.global_step), start
         self.start_step, self.recent_returns = start.global_step, deque(maxlen=20)
         self.start_time = self.last_save = time.perf_counter()
@@ -1054,7 +1049,7 @@ class Harness:
         path = os.path.join(self.run_dir, name)
         try:
             save_checkpoint(path, agent=self.agent, optimizer=self.optimizer, args=self.args, progress=progress,
-                            resumable=name == "checkpoint.pt")
+                            resumable=name == "checkpoint.pt", state=self.state)
         except OSError as e:
             raise RunError(f"cannot write {path} ({e.strerror or e}) at step {progress.global_step:,}: training "
                            f"stopped; {self.last_checkpoint()}", code=1) from None
@@ -1385,11 +1380,11 @@ def run(cli: RunArgs, argv: list[str]) -> int:
     args, checkpoint = prepare(cli, given)
     if args.eval_checkpoint:
         return evaluate_checkpoint(args, checkpoint, given, cli.capture_video)
-    agent, optimizer = make_agent_and_optimizer(args)
+    (agent, optimizer), state = make_agent_and_optimizer(args), training_state(args)
     start = Progress()
     if checkpoint is not None:
         run_dir = os.path.dirname(os.path.abspath(args.resume))
-        restore(agent, optimizer, checkpoint)
+        restore(agent, optimizer, state, checkpoint)
         if error := check_resume(checkpoint, args, args.resume):
             raise RunError(error)
         start = Progress(checkpoint["global_step"], checkpoint["iteration"], checkpoint["best_eval"])
@@ -1406,13 +1401,13 @@ def run(cli: RunArgs, argv: list[str]) -> int:
         print("compiling the gradient step (torch.compile): the first iteration takes up to ~20 s longer on a "
               "machine's first run, a few seconds once Inductor's cache holds the code (--no-compile: eager)")
     writer = make_writer(args, run_dir, start.global_step)
-    harness = Harness(args, run_dir, agent, optimizer, start, writer, compiling=step_fn is not gradient_step)
+    harness = Harness(args, run_dir, agent, optimizer, start, writer, step_fn is not gradient_step, state)
     signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     for signum in signals:
         signal.signal(signum, harness)
     try:
         train(args, agent, optimizer, make_training_envs(args, run_dir, start.global_step), start.global_step,
-              step_fn, harness.after_iteration)
+              step_fn, harness.after_iteration, **state)
     except Diverged as e:
         raise RunError(f"training diverged in the iteration after step {harness.progress.global_step:,} ({e}); nothing "
                        f"was saved after it: {harness.last_checkpoint()}. Try a lower --learning-rate than "

@@ -61,7 +61,7 @@ except KeyboardInterrupt:
     sys.exit(130)
 
 SCRIPT = "ppo_discrete"
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
 
 
 # 1. Hyperparameters ------------------------------------------------------------------------------
@@ -711,9 +711,11 @@ def write_atomically(path: str, write) -> None:
             os.remove(tmp)
 
 
-def save_checkpoint(path: str, *, agent, optimizer, args: Args, progress: Progress, resumable: bool) -> None:
-    """resumable: the run's latest state (checkpoint.pt), not a snapshot to evaluate (best.pt)."""
-    data = {"script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(args), "resumable": resumable,
+def save_checkpoint(path: str, *, agent, optimizer, args: Args, progress: Progress, resumable: bool,
+                    state: Optional[dict] = None) -> None:
+    """resumable: the run's latest state (checkpoint.pt), not a snapshot to evaluate (best.pt);
+    state: training_state()'s modules."""
+    data = {**{name: module.state_dict() for name, module in (state or {}).items()}, "script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(args), "resumable": resumable,
             "obs_dim": agent.actor[0].in_features, ACTION_SIZE: agent.actor[-1].out_features, "model": agent.state_dict(),
             "optimizer": optimizer.state_dict(), "global_step": progress.global_step,
             "iteration": progress.iteration, "best_eval": float(progress.best_eval), "rng": get_rng_state()}
@@ -754,9 +756,11 @@ def load_checkpoint(path: str, entries: dict = EVAL_ENTRIES) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint of {SCRIPT}.py{hint}")
     if data.get("format") == 1:  # before format 2, only the file name told whether it was resumable
         data["resumable"] = os.path.basename(path) != "best.pt"
-    elif data.get("format") != CHECKPOINT_FORMAT:
+    elif data.get("format") not in (2, CHECKPOINT_FORMAT):
         raise CheckpointError(f"{path} has checkpoint format {data.get('format')}, "
-                              f"this script reads {CHECKPOINT_FORMAT} and 1")
+                              f"this script reads {CHECKPOINT_FORMAT}, 2 and 1")
+    if data["format"] < 3 and isinstance(data.get("model"), dict):  # the reward scaler's statistics moved
+        data["reward_scaler"] = {k: data["model"].pop(k) for k in list(data["model"]) if k.startswith("return_rms.")}
     wrong = [k for k, kind in entries.items() if not fits(data.get(k), kind)]
     wrong += [f"args.{f.name}" for f in fields(RunArgs) if "args" not in wrong and f.name in data["args"]
               and not fits(data["args"][f.name], f.type)]
@@ -779,11 +783,13 @@ def agent_from_checkpoint(data: dict, device="cpu") -> Agent:
     return agent.to(device)
 
 
-def restore(agent, optimizer, data: dict) -> None:
-    """Load the weights, optimizer state and RNG states of a resumable checkpoint."""
+def restore(agent, optimizer, state: dict, data: dict) -> None:
+    """Load the weights, optimizer state, training_state() and RNG states of a resumable checkpoint."""
     agent.load_state_dict(data["model"])
     try:
         optimizer.load_state_dict(data["optimizer"])
+        for name, module in state.items():
+            module.load_state_dict(data[name])
         set_rng_state(data["rng"])
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError):
         raise CheckpointError("the checkpoint's optimizer or RNG state is damaged: it cannot be resumed; "
@@ -848,6 +854,11 @@ def check_resume(data: dict, args: Args, path: str) -> Optional[str]:
     return None
 
 
+def training_state(args: RunArgs) -> dict:
+    """What training keeps besides the agent and the optimizer, by checkpoint entry: nothing here."""
+    return {}
+
+
 def new_run_dir(args: RunArgs) -> str:
     env_name = re.sub(r"[^A-Za-z0-9._-]", "-", args.env_id)  # "ALE/Pong-v5" must not make a subfolder
     name = f"{env_name}__{args.exp_name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
@@ -884,9 +895,9 @@ class Harness:
     handler is this object)."""
 
     def __init__(self, args: RunArgs, run_dir: str, agent: Agent, optimizer: torch.optim.Optimizer, start: Progress,
-                 writer=None, compiling: bool = False):
+                 writer=None, compiling: bool = False, state: Optional[dict] = None):
         self.args, self.run_dir, self.agent, self.optimizer, self.writer = args, run_dir, agent, optimizer, writer
-        self.compiling = compiling
+        self.compiling, self.state = compiling, state or {}
         self.signum, self.total, self.progress = 0, final_step(args, start.global_step), start
         self.start_step, self.recent_returns = start.global_step, deque(maxlen=20)
         self.start_time = self.last_save = time.perf_counter()
@@ -944,7 +955,7 @@ class Harness:
         path = os.path.join(self.run_dir, name)
         try:
             save_checkpoint(path, agent=self.agent, optimizer=self.optimizer, args=self.args, progress=progress,
-                            resumable=name == "checkpoint.pt")
+                            resumable=name == "checkpoint.pt", state=self.state)
         except OSError as e:
             raise RunError(f"cannot write {path} ({e.strerror or e}) at step {progress.global_step:,}: training "
                            f"stopped; {self.last_checkpoint()}", code=1) from None
@@ -1275,11 +1286,11 @@ def run(cli: RunArgs, argv: list[str]) -> int:
     args, checkpoint = prepare(cli, given)
     if args.eval_checkpoint:
         return evaluate_checkpoint(args, checkpoint, given, cli.capture_video)
-    agent, optimizer = make_agent_and_optimizer(args)
+    (agent, optimizer), state = make_agent_and_optimizer(args), training_state(args)
     start = Progress()
     if checkpoint is not None:
         run_dir = os.path.dirname(os.path.abspath(args.resume))
-        restore(agent, optimizer, checkpoint)
+        restore(agent, optimizer, state, checkpoint)
         if error := check_resume(checkpoint, args, args.resume):
             raise RunError(error)
         start = Progress(checkpoint["global_step"], checkpoint["iteration"], checkpoint["best_eval"])
@@ -1296,13 +1307,13 @@ def run(cli: RunArgs, argv: list[str]) -> int:
         print("compiling the gradient step (torch.compile): the first iteration takes up to ~20 s longer on a "
               "machine's first run, a few seconds once Inductor's cache holds the code (--no-compile: eager)")
     writer = make_writer(args, run_dir, start.global_step)
-    harness = Harness(args, run_dir, agent, optimizer, start, writer, compiling=step_fn is not gradient_step)
+    harness = Harness(args, run_dir, agent, optimizer, start, writer, step_fn is not gradient_step, state)
     signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     for signum in signals:
         signal.signal(signum, harness)
     try:
         train(args, agent, optimizer, make_training_envs(args, run_dir, start.global_step), start.global_step,
-              step_fn, harness.after_iteration)
+              step_fn, harness.after_iteration, **state)
     except Diverged as e:
         raise RunError(f"training diverged in the iteration after step {harness.progress.global_step:,} ({e}); nothing "
                        f"was saved after it: {harness.last_checkpoint()}. Try a lower --learning-rate than "

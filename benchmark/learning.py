@@ -54,7 +54,7 @@ def batch_size(script: str, flags: list[str]) -> int:
     import tyro
 
     module = __import__(script)
-    return tyro.cli(module.Args, args=flags).batch_size
+    return tyro.cli(module.RunArgs, args=flags).batch_size
 
 
 def threshold(env_id: str) -> float:

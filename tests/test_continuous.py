@@ -70,23 +70,47 @@ def test_normalization_statistics_survive_a_checkpoint_and_are_frozen_in_evaluat
     assert run_main(C, ["--env-id", "Pendulum-v1", *TINY], tmp_path) == 0
     ckpt = C.load_checkpoint(str(only_run_dir(tmp_path) / "checkpoint.pt"))
     model = ckpt["model"]
-    assert model["obs_rms.count"] > 100 and model["return_rms.count"] > 100  # updated by training
+    assert model["obs_rms.count"] > 100 and ckpt["reward_scaler"]["return_rms.count"] > 100  # updated by training
+    assert not any(key.startswith("return_rms") for key in model)  # training state, not the policy's
     assert not torch.equal(model["obs_rms.mean"], torch.zeros(3))
     agent = C.agent_from_checkpoint(ckpt)
-    for key in ("obs_rms.mean", "obs_rms.var", "obs_rms.count", "return_rms.var"):
+    for key in ("obs_rms.mean", "obs_rms.var", "obs_rms.count"):
         assert torch.equal(agent.state_dict()[key], model[key])
     before = {k: v.clone() for k, v in agent.state_dict().items()}
     C.evaluate(agent, "Pendulum-v1", 2, seed=0)
     assert all(torch.equal(before[k], v) for k, v in agent.state_dict().items())
 
 
-def test_discounted_returns_restart_after_each_episode():
+def test_the_reward_scaler_divides_by_the_std_of_returns_that_restart_after_each_episode():
+    scaler = C.RewardScaler(num_envs=2, gamma=0.5)
+    scaler.discounted_return = np.array([10.0, 0.0])
     rewards = np.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]])
     dones = np.array([[0, 0], [1, 0], [0, 0]])
-    returns, running = C.discounted_returns(rewards=rewards, dones=dones, running=np.array([10.0, 0.0]), gamma=0.5)
+    scaled = scaler(rewards, dones)
     # env 0 carries 10 in: 6, 4, then a new episode: 1; env 1: 2, 3, 3.5
-    np.testing.assert_allclose(returns, [[6.0, 2.0], [4.0, 3.0], [1.0, 3.5]])
-    np.testing.assert_allclose(running, [1.0, 3.5])
+    returns_seen = np.array([6.0, 2.0, 4.0, 3.0, 1.0, 3.5])
+    np.testing.assert_allclose(scaler.discounted_return, [1.0, 3.5])
+    # the prior count of 1e-4 (mean 0, var 1) barely moves the statistics of 6 returns
+    np.testing.assert_allclose(scaler.return_rms.var.item(), returns_seen.var(), rtol=1e-3)
+    np.testing.assert_allclose(scaled, rewards / np.sqrt(returns_seen.var() + 1e-8), rtol=1e-3)
+    # one reward far out among 1000 envs: 1e6 / std (about 3e4) is clipped to 10
+    rewards = np.zeros((1, 1000))
+    rewards[0, 0], rewards[0, 1] = 1e6, 1.0
+    scaled = C.RewardScaler(num_envs=1000, gamma=0.5)(rewards, np.zeros((1, 1000)))
+    assert scaled[0, 0] == 10.0 and 0 < scaled[0, 1] < 1e-3
+
+
+def test_a_format_2_checkpoint_resumes_with_its_reward_statistics(tmp_path):
+    assert run_main(C, ["--env-id", "Pendulum-v1", *TINY], tmp_path) == 0
+    path = only_run_dir(tmp_path) / "checkpoint.pt"
+    data = torch.load(path, weights_only=True)
+    stats = data.pop("reward_scaler")
+    data["model"].update(stats)  # as format 2 kept them, in the agent
+    data["format"] = 2
+    torch.save(data, path)
+    loaded = C.load_checkpoint(str(path), C.RESUME_ENTRIES)
+    assert loaded["reward_scaler"].keys() == stats.keys() and not any(k.startswith("return_rms") for k in loaded["model"])
+    assert run_main(C, ["--resume", str(path), "--total-timesteps", "256"], tmp_path) == 0
 
 
 def test_running_mean_std_matches_numpy_over_batches():
