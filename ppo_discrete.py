@@ -105,17 +105,9 @@ class Args:
     hidden_size: int = 64  # width of the two hidden layers of the actor and of the critic
 
     # Derived sizes: computed, never flags (CleanRL overwrites such flags silently).
-    @property
-    def batch_size(self) -> int:
-        return self.num_envs * self.num_steps
-
-    @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
-
-    @property
-    def num_iterations(self) -> int:
-        return self.total_timesteps // self.batch_size
+    batch_size = property(lambda self: self.num_envs * self.num_steps)
+    minibatch_size = property(lambda self: self.batch_size // self.num_minibatches)
+    num_iterations = property(lambda self: self.total_timesteps // self.batch_size)
 
     def check(self) -> Optional[str]:
         """The first flag that cannot train, as one line saying what to do; None if all can."""
@@ -139,8 +131,6 @@ class Args:
         if self.total_timesteps < self.batch_size:
             return (f"--total-timesteps {self.total_timesteps} is less than one batch of "
                     f"{self.batch_size} (--num-envs x --num-steps): raise it or shrink the batch")
-        if self.cuda and not torch.cuda.is_available():
-            return "--cuda was given but torch sees no CUDA device: drop --cuda"
         return None
 
 
@@ -162,12 +152,10 @@ def make_env(env_id: str, video_dir: Optional[str] = None, video_trigger=None, r
 
 
 def make_vector_env(env_fns) -> gym.vector.SyncVectorEnv:
-    # SyncVectorEnv: on 2 cores, AsyncVectorEnv's inter-process traffic costs more than it gains
-    # (benchmark/RESULTS.md). SAME_STEP autoreset: when an episode ends, step() already returns
-    # the first observation of the next one and puts the true last observation in
-    # infos["final_obs"]. So every stored transition is real (the 1.x default, NEXT_STEP, would
-    # insert a dummy step after each episode), and the final observation is at hand to
-    # bootstrap a truncated episode from.
+    # SyncVectorEnv: on 2 cores AsyncVectorEnv's inter-process traffic costs more than it gains.
+    # SAME_STEP autoreset: an episode's last step returns the next episode's first observation and
+    # puts the true last one in infos["final_obs"], so no dummy step is stored (the 1.x default,
+    # NEXT_STEP, inserts one after each episode) and a truncation can bootstrap from it.
     return gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
 
@@ -181,8 +169,7 @@ def env_shapes(env_id: str) -> tuple[int, int]:
 
 # 3. Agent ----------------------------------------------------------------------------------------
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
-    # Orthogonal weights scaled by `std`, zero biases [37-2].
-    nn.init.orthogonal_(layer.weight, std)
+    nn.init.orthogonal_(layer.weight, std)  # orthogonal weights scaled by std, zero biases [37-2]
     nn.init.constant_(layer.bias, bias_const)
     return layer
 
@@ -232,17 +219,12 @@ class Agent(nn.Module):
 def compute_gae(*, rewards, values, next_values, terminations, dones, gamma, gae_lambda):
     """Generalized Advantage Estimation (GAE paper, eq. 16): TD errors, then a discounted sum.
 
-    Every tensor is float, of shape (T, N): T steps of N envs.
-      rewards[t]       reward received after the action at step t
-      values[t]        V(s_t)
-      next_values[t]   V(s_t+1) of the true next state: when the episode ended at t, the value of
-                       its final observation, never of the next episode's first one
-      terminations[t]  1 if s_t+1 is terminal, so nothing follows it: no bootstrap
-      dones[t]         1 if the episode ended at t, terminated or truncated: the sum stops there
-    Returns (advantages, value_targets), each (T, N); value_targets = advantages + values, what
-    the critic learns to predict. A time-limit truncation has dones = 1 but terminations = 0:
-    its TD error still bootstraps from V(final observation) instead of pretending that the
-    episode ended.
+    Float tensors of shape (T, N), T steps of N envs: rewards[t] follows the action at t; values[t]
+    is V(s_t); next_values[t] is V of the true s_t+1 (an ended episode's final observation, never
+    the next one's first); terminations[t] is 1 if s_t+1 is terminal (no bootstrap); dones[t] is 1
+    if the episode ended at t, terminated or truncated (the sum stops there). A truncation has
+    dones = 1 but terminations = 0: it still bootstraps from V(final observation). Returns
+    (advantages, value_targets = advantages + values, what the critic learns), each (T, N).
     """
     # delta_t = r_t + gamma * V(s_t+1) * (1 - terminal) - V(s_t)
     deltas = rewards + gamma * (1.0 - terminations) * next_values - values
@@ -258,16 +240,12 @@ def compute_gae(*, rewards, values, next_values, terminations, dones, gamma, gae
 # 5. PPO loss -------------------------------------------------------------------------------------
 def ppo_loss(*, newlogprob, oldlogprob, advantages, newvalue, oldvalue, value_targets, entropy,
              clip_coef, vf_coef, ent_coef, clip_vloss):
-    """The PPO objective on one minibatch, as a loss to minimise.
-
-    Every tensor is 1-D over the minibatch; `advantages` arrive already normalized when that is
-    on. Returns (loss, parts): parts holds pg_loss, v_loss, entropy_loss, approx_kl,
-    old_approx_kl and clipfrac as detached 0-d tensors.
-    """
+    """The PPO objective on one minibatch, as a loss to minimise; tensors 1-D over the minibatch,
+    advantages already normalized when that is on. Returns (loss, parts): parts holds pg_loss,
+    v_loss, entropy_loss, approx_kl, old_approx_kl and clipfrac as detached 0-d tensors."""
     logratio = newlogprob - oldlogprob
     ratio = logratio.exp()
-    # Clipped surrogate (PPO paper, eq. 7): the pessimistic minimum of the two objectives,
-    # written as the maximum of their negatives.
+    # Clipped surrogate (PPO paper, eq. 7): the pessimistic minimum, as the maximum of the negatives
     pg_loss = torch.max(-advantages * ratio,
                         -advantages * ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef)).mean()
     if clip_vloss:
@@ -296,10 +274,8 @@ def ppo_loss(*, newlogprob, oldlogprob, advantages, newvalue, oldvalue, value_ta
 
 # 6. One iteration: collect a rollout, turn it into a batch, update the agent on it ---------------
 class Rollout(NamedTuple):
-    """Storage for one rollout: numpy arrays of shape (T, N, ...), refilled in place each iteration.
-
-    Numpy rather than torch: writing one row per step costs less than a torch index-put.
-    """
+    """One rollout: numpy arrays (T, N, ...), refilled each iteration (a row per step is cheaper
+    to write in numpy than in torch)."""
     obs: np.ndarray           # s_t, what the agent acted on
     actions: np.ndarray       # a_t
     rewards: np.ndarray       # r_t, received after a_t
@@ -309,13 +285,9 @@ class Rollout(NamedTuple):
 
 
 def new_rollout(num_steps: int, num_envs: int, obs_dim: int, action_shape: tuple, action_dtype) -> Rollout:
-    T, N = num_steps, num_envs
-    return Rollout(obs=np.zeros((T, N, obs_dim), dtype=np.float32),
-                   actions=np.zeros((T, N, *action_shape), dtype=action_dtype),
-                   rewards=np.zeros((T, N), dtype=np.float32),
-                   next_obs=np.zeros((T, N, obs_dim), dtype=np.float32),
-                   terminations=np.zeros((T, N), dtype=np.float32),
-                   truncations=np.zeros((T, N), dtype=np.float32))
+    zeros = lambda *shape, dtype=np.float32: np.zeros((num_steps, num_envs, *shape), dtype=dtype)  # noqa: E731
+    return Rollout(obs=zeros(obs_dim), actions=zeros(*action_shape, dtype=action_dtype), rewards=zeros(),
+                   next_obs=zeros(obs_dim), terminations=zeros(), truncations=zeros())
 
 
 class Episode(NamedTuple):
@@ -326,18 +298,14 @@ class Episode(NamedTuple):
 
 def collect_rollout(*, envs, agent: nn.Module, obs: np.ndarray, rollout: Rollout,
                     global_step: int) -> tuple[np.ndarray, list[Episode]]:
-    """Phase 1: act with the current policy for T steps in each of the N envs, filling `rollout`.
-
-    obs: (N, obs_dim), the observations to act on first (where the last rollout left off).
-    Returns (the observations to act on next, the episodes that ended).
-    """
+    """Phase 1: act with the current policy for T steps in each of the N envs, filling `rollout`,
+    from obs (N, obs_dim). Returns (the observations to act on next, the episodes that ended)."""
     device = next(agent.parameters()).device
     num_steps, num_envs = rollout.rewards.shape
     episodes = []
     with torch.inference_mode():  # no autograd bookkeeping while acting
         for step in range(num_steps):
-            obs = np.asarray(obs, dtype=np.float32)
-            rollout.obs[step] = obs
+            rollout.obs[step] = obs = np.asarray(obs, dtype=np.float32)
             action = agent.sample_action(torch.from_numpy(obs).to(device)).cpu().numpy()
             obs, reward, terminated, truncated, infos = envs.step(action)
             rollout.actions[step], rollout.rewards[step] = action, reward
@@ -370,12 +338,9 @@ class Batch(NamedTuple):
 
 def make_batch(*, agent: nn.Module, rollout: Rollout, rewards: np.ndarray, gamma: float,
                gae_lambda: float) -> Batch:
-    """Phase 2: old log-probs and values, GAE, and flattening.
-
-    `rewards` (T, N) are the rewards to learn from: rollout.rewards, or a scaled copy. The policy
-    did not change during the rollout, so the old log-probs and values of all T*N steps come from
-    one batched pass here instead of T small ones while acting.
-    """
+    """Phase 2: old log-probs and values, GAE, and flattening. `rewards` (T, N): rollout.rewards
+    or a scaled copy. The policy did not change during the rollout, so one batched pass here gives
+    the old log-probs and values of all T*N steps, instead of T small ones while acting."""
     device = next(agent.parameters()).device
     T, N = rollout.rewards.shape
     as_tensor = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
@@ -391,8 +356,8 @@ def make_batch(*, agent: nn.Module, rollout: Rollout, rewards: np.ndarray, gamma
 
 
 def gradient_step(*, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Batch, args: Args) -> dict:
-    """One gradient step on one minibatch: the loss, its gradient, clipping to a global norm of
-    max_grad_norm [37-11], then the optimizer. Returns ppo_loss's parts."""
+    """One minibatch: the loss, its gradient, clipped to a global norm of max_grad_norm [37-11],
+    then the optimizer's step. Returns ppo_loss's parts. The one step to edit."""
     newlogprob, entropy, newvalue = agent.logprob_entropy_value(mb.obs, mb.actions)
     advantages = mb.advantages
     if args.norm_adv:  # per minibatch [37-7]
@@ -410,11 +375,8 @@ def gradient_step(*, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Bat
 
 def update(*, agent: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, args: Args,
            step_fn=gradient_step) -> dict[str, float]:
-    """Phase 3: update_epochs passes over the batch in shuffled minibatches, a gradient step each.
-
-    step_fn is gradient_step, or a faster equivalent (the harness's compiled one). Returns
-    ppo_loss's parts, each averaged over the minibatches of this iteration.
-    """
+    """Phase 3: update_epochs passes over the batch in shuffled minibatches, a step_fn (gradient_step,
+    or a faster equivalent) each. Returns ppo_loss's parts, averaged over this iteration's steps."""
     parts_per_step = []
     for epoch in range(args.update_epochs):
         # A new order each epoch: every transition lands in exactly one minibatch.
@@ -433,11 +395,8 @@ def update(*, agent: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, 
 @torch.no_grad()
 def evaluate(agent: nn.Module, env_id: str, n_episodes: int, seed: int, device="cpu",
              video_dir: Optional[str] = None, max_envs: int = 25) -> np.ndarray:
-    """Returns of n_episodes episodes of the deterministic policy, run vectorized.
-
-    Env i of min(n_episodes, max_envs) envs is seeded with seed + i and plays a fixed share of
-    the episodes; counting the first n_episodes to finish instead would favour short ones.
-    """
+    """Returns of n_episodes episodes of the deterministic policy. Env i of min(n_episodes,
+    max_envs) is seeded seed + i and plays a fixed share (the first n to end would favour short ones)."""
     n_envs = min(n_episodes, max_envs)
     quota = np.array([n_episodes // n_envs + (i < n_episodes % n_envs) for i in range(n_envs)])
     envs = make_vector_env([make_env(env_id, video_dir if i == 0 else None,
@@ -462,47 +421,42 @@ def make_agent_and_optimizer(args: Args) -> tuple[Agent, torch.optim.Optimizer]:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     agent = Agent(*env_shapes(args.env_id), args.hidden_size)
     agent.to(torch.device("cuda" if args.cuda else "cpu"))
-    # eps=1e-5 as in the PPO baselines [37-3]
-    return agent, torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    return agent, torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)  # eps as in [37-3]
 
 
 def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None, global_step: int = 0,
           step_fn=gradient_step, after_iteration=None) -> int:
-    """PPO (the paper's Algorithm 1) from global_step (0, or where a resumed run stopped) for as
-    many whole batches as fit in total_timesteps. Returns the step reached.
-
-    envs: the vector env (by default num_envs of env_id); step_fn: gradient_step, or a faster
-    equivalent. after_iteration(global_step=, episodes=, losses=, batch=, learning_rate=) runs
-    after each iteration and returns True to stop: the harness's logging, progress lines,
-    evaluations, checkpoints and Ctrl-C live there.
+    """PPO (the paper's Algorithm 1) from global_step (0, or a resumed run's) for the whole batches
+    that fit in total_timesteps; returns the step reached. envs: by default num_envs of env_id.
+    after_iteration(global_step=, episodes=, losses=, batch=, learning_rate=) runs after each
+    iteration, True stops: the harness's logging, progress, evaluations, checkpoints, Ctrl-C.
     """
     envs = envs or make_vector_env([make_env(args.env_id) for _ in range(args.num_envs)])
     last_step = global_step + (args.total_timesteps - global_step) // args.batch_size * args.batch_size
     # Env i starts from seed + i; a resumed run starts its new episodes from fresh seeds.
     obs, _ = envs.reset(seed=args.seed + global_step // args.num_steps)
     rollout = new_rollout(args.num_steps, args.num_envs, envs.single_observation_space.shape[0], (), np.int64)
-    try:
-        while global_step < last_step:
-            # Linear annealing [37-4]: learning_rate in the first iteration, down to
-            # learning_rate * batch_size / (the run's length in steps) in the last one.
-            lr = args.learning_rate * (1.0 - global_step / last_step if args.anneal_lr else 1.0)
-            optimizer.param_groups[0]["lr"] = lr
-            obs, episodes = collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout, global_step=global_step)
-            batch = make_batch(agent=agent, rollout=rollout, rewards=rollout.rewards, gamma=args.gamma,
-                               gae_lambda=args.gae_lambda)
-            losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args, step_fn=step_fn)
-            global_step += args.batch_size
-            if after_iteration is not None and after_iteration(global_step=global_step, episodes=episodes,
-                                                               losses=losses, batch=batch, learning_rate=lr):
-                break
-    finally:
-        envs.close()
+    while global_step < last_step:
+        # Linear annealing [37-4], down to learning_rate * batch_size / last_step in the last iteration
+        lr = args.learning_rate * (1.0 - global_step / last_step if args.anneal_lr else 1.0)
+        optimizer.param_groups[0]["lr"] = lr
+        obs, episodes = collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout, global_step=global_step)
+        batch = make_batch(agent=agent, rollout=rollout, rewards=rollout.rewards, gamma=args.gamma,
+                           gae_lambda=args.gae_lambda)
+        losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args, step_fn=step_fn)
+        global_step += args.batch_size
+        if after_iteration is not None and after_iteration(global_step=global_step, episodes=episodes,
+                                                           losses=losses, batch=batch, learning_rate=lr):
+            break
+    envs.close()
     return global_step
 
 
-# 8. The harness: run-control flags, progress, evaluations, checkpoint files, signals, resume, ----
-#    the compiled gradient step, the command line. Nothing below changes what is learned; a
-#    reader learning PPO can stop here.
+# 8. The harness ---------------------------------------------------------------------------------
+# Run-control flags, progress lines, evaluations, checkpoint files, signals, resume, the compiled
+# gradient step, the command line. Nothing below changes what is learned: a reader learning PPO
+# can stop here.
+
 # Flags that --resume and --eval-checkpoint always take from the command line, never from the
 # checkpoint: where to run and what to do. Every other flag comes from the checkpoint unless given.
 FROM_COMMAND_LINE = {"cuda", "resume", "eval_checkpoint", "render", "export"}
@@ -567,6 +521,8 @@ class RunArgs(Args):
             return f"--{'render' if self.render else 'export'} works on a trained policy: add --eval-checkpoint PATH"
         if self.render and self.export:
             return "give --render or --export, not both"
+        if self.cuda and not torch.cuda.is_available():
+            return "--cuda was given but torch sees no CUDA device: drop --cuda"
         return None
 
 
@@ -1311,9 +1267,9 @@ def run(cli: RunArgs, argv: list[str]) -> int:
     signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     for signum in signals:
         signal.signal(signum, harness)
+    envs = make_training_envs(args, run_dir, start.global_step)
     try:
-        train(args, agent, optimizer, make_training_envs(args, run_dir, start.global_step), start.global_step,
-              step_fn, harness.after_iteration, **state)
+        train(args, agent, optimizer, envs, start.global_step, step_fn, harness.after_iteration, **state)
     except Diverged as e:
         raise RunError(f"training diverged in the iteration after step {harness.progress.global_step:,} ({e}); nothing "
                        f"was saved after it: {harness.last_checkpoint()}. Try a lower --learning-rate than "
@@ -1322,6 +1278,7 @@ def run(cli: RunArgs, argv: list[str]) -> int:
         raise RunError(f"cannot write in {run_dir} ({e.strerror or e}): training stopped; "
                        f"{harness.last_checkpoint()}", code=1) from None
     finally:
+        envs.close()
         writer.close()
     progress = harness.progress
     if harness.signum:

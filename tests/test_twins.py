@@ -20,7 +20,7 @@ DIFFER = {
 # Defined in one script only.
 ONLY = {
     "ppo_discrete": set(),
-    "ppo_continuous": {"RunningMeanStd", "HALF_LOG_2PI", "RewardScaler"},
+    "ppo_continuous": {"RunningMeanStd", "RewardScaler"},
 }
 
 
