@@ -8,9 +8,9 @@ For each configuration (a script at fixed hyperparameters), in one process with 
   raw    the vector env the script builds (same env, same num_envs, same autoreset mode),
          stepped with random actions: the ceiling for any trainer on that vector env
   train  the script's own train() for --steps env steps, eagerly (--no-compile): rollout, GAE,
-         update, logging, checkpoints; no evaluation, no video, interpreter start-up and imports
-         excluded; and the split of its time into the phases of an iteration (the rollout, env
-         steps included; building the batch; the update), from the timings train() returns.
+         update; no logging, checkpoints, evaluation or video (the harness's), interpreter
+         start-up and imports excluded; and the split of its time into the phases of an
+         iteration (the rollout, env steps included; building the batch; the update).
 Each figure is the median over the repetitions, raw and train alternating so that both see the
 same machine state. With --compile, each repetition also trains with --compile after clearing
 every compiled graph and turning Inductor's on-disk caches off, as a user's first run on a
@@ -64,34 +64,41 @@ def raw_env_sps(script, args, steps: int) -> float:
     return n * args.num_envs / elapsed
 
 
-class IterationClock:
-    """TrainHooks that note when each iteration ended (train() reports after every one)."""
+def train_sps(script, args) -> dict:
+    """One training run through the script's own train(): its overall and steady steps/s, its
+    first iteration's seconds, and the split of its time into the three phases (each phase
+    function timed by wrapping it for this call; train() looks them up when it calls them)."""
+    agent, optimizer = script.make_agent_and_optimizer(args)
+    step_fn = script.CompiledGradientStep(agent, optimizer, args) if args.compile else script.gradient_step
+    timings, ends, start = dict(rollout=0.0, batch=0.0, update=0.0), [], time.perf_counter()
 
-    def __init__(self):
-        self.ends = []  # (seconds since start, global_step)
-        self.start = time.perf_counter()
+    def timed(name, fn):
+        def call(**kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(**kwargs)
+            finally:
+                timings[name] += time.perf_counter() - t0
+        return call
 
-    def stop_requested(self) -> bool:
+    def after_iteration(global_step, **_):
+        ends.append((time.perf_counter() - start, global_step))
         return False
 
-    def report(self, progress, sps, recent_returns) -> None:
-        self.ends.append((time.perf_counter() - self.start, progress.global_step))
-
-    def save(self, name, progress) -> None:
-        pass
-
-
-def train_sps(script, args) -> dict:
-    """One training run: its overall and steady steps/s, its first iteration's seconds, its phase split."""
-    with tempfile.TemporaryDirectory() as run_dir:
-        agent, optimizer = script.make_agent_and_optimizer(args)
-        clock = IterationClock()
-        progress, timings = script.train(args, run_dir, agent, optimizer, hooks=clock)
-        elapsed = time.perf_counter() - clock.start
-    (t1, s1), (tn, sn) = clock.ends[0], clock.ends[-1]
-    total = sum(timings.values())
-    return dict(sps=progress.global_step / elapsed, steady=(sn - s1) / (tn - t1), first=t1,
-                split={k: v / total for k, v in timings.items()})
+    phases = {"collect_rollout": "rollout", "make_batch": "batch", "update": "update"}
+    real = {name: getattr(script, name) for name in phases}
+    try:
+        for name, phase in phases.items():
+            setattr(script, name, timed(phase, real[name]))
+        steps = script.train(args, agent, optimizer, step_fn=step_fn, after_iteration=after_iteration)
+    finally:
+        for name, fn in real.items():
+            setattr(script, name, fn)
+    elapsed = time.perf_counter() - start
+    (t1, s1), (tn, sn) = ends[0], ends[-1]
+    timings["other"] = elapsed - sum(timings.values())
+    return dict(sps=steps / elapsed, steady=(sn - s1) / (tn - t1), first=t1,
+                split={k: v / elapsed for k, v in timings.items()})
 
 
 def cold_compile() -> None:
@@ -124,7 +131,7 @@ def main() -> None:
     for config in opts.configs:
         name, flags = CONFIGS[config]
         script = {"ppo_discrete": ppo_discrete, "ppo_continuous": ppo_continuous}[name]
-        args = tyro.cli(script.Args, args=[*flags, "--total-timesteps", str(opts.steps), "--no-compile"])
+        args = tyro.cli(script.RunArgs, args=[*flags, "--total-timesteps", str(opts.steps), "--no-compile"])
         raws, eagers, compileds = [], [], []
         for rep in range(opts.reps):
             raws.append(raw_env_sps(script, args, opts.steps))
