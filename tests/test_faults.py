@@ -145,9 +145,12 @@ def test_a_nan_action_never_reaches_the_env(script, monkeypatch):
         with pytest.raises(script.Diverged, match="non-finite action"):
             script.collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout, global_step=0)
         assert sent == []
-    else:  # a sample of NaN logits is still an integer; the update's weight check catches them
+    else:  # a sample of NaN logits is still an integer: the update after the rollout stops training
         script.collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout, global_step=0)
-        assert all(np.isin(a, np.arange(act)).all() for a in sent)
+        batch = script.make_batch(agent=agent, rollout=rollout, rewards=rollout.rewards, gamma=0.99, gae_lambda=0.95)
+        args = script.Args(num_envs=2, num_steps=4, num_minibatches=1, update_epochs=1)
+        with pytest.raises(script.Diverged, match="non-finite loss"):
+            script.update(agent=agent, optimizer=torch.optim.Adam(agent.parameters()), batch=batch, args=args)
 
 
 def test_the_update_refuses_non_finite_weights(script):
