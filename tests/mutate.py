@@ -3,6 +3,7 @@
     python tests/mutate.py                    # every mutant, on the fast behaviour tests
     python tests/mutate.py --only "gamma ignored (1)" --only "no shuffling"
     python tests/mutate.py --all-tests        # the whole suite but the source-text tests
+    python tests/mutate.py --tests tests/test_probes.py   # which mutants the probes alone kill
     python tests/mutate.py --list             # the mutants, without running anything
 
 Each mutant is an exact text replacement in one or both scripts. The repo is copied once into a
@@ -95,6 +96,9 @@ MUTANTS = [
      "return np.clip(rewards / scale, -10.0, 10.0)", "return np.clip(rewards, -10.0, 10.0)"),
     ("reward scaler does not clip", CONT,
      "return np.clip(rewards / scale, -10.0, 10.0)", "return (rewards / scale)"),
+    ("scaled rewards not used", CONT,
+     "batch = make_batch(agent=agent, rollout=rollout, rewards=rewards,",
+     "batch = make_batch(agent=agent, rollout=rollout, rewards=rollout.rewards,"),
     ("obs statistics updated before the update", CONT,
      "            t2 = time.perf_counter()\n",
      "            t2 = time.perf_counter()\n            agent.obs_rms.update(batch.obs)\n"),
@@ -132,6 +136,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", action="append", help="run only this mutant (by name; repeatable)")
     parser.add_argument("--all-tests", action="store_true", help="every test file but the source-text tests")
+    parser.add_argument("--tests", nargs="+", help="these test files (or node ids) instead")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run of the unmutated scripts")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per pytest run")
@@ -149,7 +154,9 @@ def main(argv=None):
         for (name, scripts, _, _), _ in planned:
             print(f"{name}  [{', '.join(scripts)}]")
         return 0
-    if args.all_tests:
+    if args.tests:
+        tests = args.tests
+    elif args.all_tests:
         tests = sorted(os.path.join("tests", f) for f in os.listdir(os.path.join(ROOT, "tests"))
                        if f.startswith("test_") and f.endswith(".py"))
         tests = [t for t in tests if t not in SOURCE_TEXT_TESTS]

@@ -124,11 +124,9 @@ def test_clip_vloss_reaches_the_value_loss(script, clip_vloss):
     assert losses["v_loss"] == pytest.approx(0.5 * (1.8 ** 2 if clip_vloss else 1.0), rel=1e-5)
 
 
-def counted_update(script, agent, batch, args, step_fn=None):
-    """update(), counting its gradient steps by Adam's own step counter."""
-    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-2)
-    kwargs = {} if step_fn is None else {"step_fn": step_fn(agent, optimizer, args)}
-    script.update(agent=agent, optimizer=optimizer, batch=batch, args=args, **kwargs)
+def counted_update(script, agent, optimizer, batch, args, **step_fn):
+    """update(); the gradient steps it took, by Adam's own step counter."""
+    script.update(agent=agent, optimizer=optimizer, batch=batch, args=args, **step_fn)
     return int(optimizer.state[next(agent.parameters())]["step"])
 
 
@@ -147,8 +145,10 @@ def kl_batch(script, agent, n):
 def test_target_kl_stops_the_epochs_after_the_first(script, target_kl):
     agent = small_agent(script, obs_dim=3)
     args = script.Args(num_envs=1, num_steps=64, num_minibatches=2, update_epochs=4, target_kl=target_kl)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-2)
     # the first epoch's last minibatch already moved the policy by more than 1e-7
-    assert counted_update(script, agent, kl_batch(script, agent, 64), args) == (8 if target_kl is None else 2)
+    steps = counted_update(script, agent, optimizer, kl_batch(script, agent, 64), args)
+    assert steps == (8 if target_kl is None else 2)
 
 
 NEEDS_CXX = pytest.mark.skipif(not ppo_continuous.cpp_compiler_found(), reason="compiling needs a C++ compiler")
@@ -158,13 +158,15 @@ NEEDS_CXX = pytest.mark.skipif(not ppo_continuous.cpp_compiler_found(), reason="
 def test_target_kl_stops_the_epochs_under_compile_too():
     import ppo_discrete as D
 
-    # CartPole's sizes and minibatches of 32 with default coefficients, as the compile test in
-    # test_extras.py: Inductor's cache then compiles this graph once for both tests.
-    torch.manual_seed(0)
-    agent = D.Agent(4, 2, 64)
-    args = D.Args(num_envs=2, num_steps=32, num_minibatches=2, update_epochs=4, target_kl=1e-7)
+    # The sizes, coefficients and optimizer of the compile test in test_extras.py (CartPole, its
+    # tiny flags): Inductor's cache then holds one compiled graph for both tests.
+    args = D.Args(env_id="CartPole-v1", num_envs=2, num_steps=32, num_minibatches=2, update_epochs=4,
+                  target_kl=1e-7, learning_rate=1e-2)
+    agent, optimizer = D.make_agent_and_optimizer(args)
     # The first step runs eagerly (Adam creates its state), the second compiled: its approx_kl stops it.
-    assert counted_update(D, agent, kl_batch(D, agent, 64), args, D.compile_gradient_step) == 2
+    steps = counted_update(D, agent, optimizer, kl_batch(D, agent, 64), args,
+                           step_fn=D.compile_gradient_step(agent, optimizer, args))
+    assert steps == 2
 
 
 # --- the driver --------------------------------------------------------------------------

@@ -6,6 +6,7 @@ with Gymnasium so that the scripts' make_env builds it, and trains in a second o
 What each probe isolates, when it fails:
   ProbeConstant    V = 1: the critic and its value targets
   ProbeObsReward   V(obs) = obs: the critic reads the observation
+  ProbeObsReward4  rewards of +/-4 scaled by their std (continuous, --norm-reward): V = +/-1
   ProbeDiscount    V(first state) = gamma: discounting, and the bootstrap from the next state
   ProbeAction      the best action: the policy gradient's sign and wiring
   ProbeObsAction   the best action per observation: actions paired with their observations
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SCRIPTS
+from conftest import ppo_continuous
 from helpers import train_for_test
 
 GAMMA = 0.9  # of the discount probe: V(first state) = 0.9, far from 1 (gamma ignored) and 0
@@ -69,6 +70,13 @@ class ProbeObsReward(Probe):
 
     def outcome(self, a):
         return self.obs, None
+
+
+class ProbeObsReward4(ProbeObsReward):
+    """As ProbeObsReward, with rewards of -4 or +4: for reward scaling."""
+
+    def outcome(self, a):
+        return 4.0 * self.obs, None
 
 
 class ProbeDiscount(Probe):
@@ -160,6 +168,13 @@ def test_the_critic_learns_a_constant_value(script, tmp_path):
 
 def test_the_critic_learns_a_value_that_depends_on_the_observation(script, tmp_path):
     agent = train_probe(script, ProbeObsReward, tmp_path)
+    assert values(agent, -1.0, 1.0) == pytest.approx([-1.0, 1.0], abs=VALUE_TOL)
+
+
+def test_with_reward_scaling_the_critic_learns_the_scaled_return(tmp_path):
+    # Returns of -4 or +4 have a std of 4: scaled rewards are -1 or +1, and so is V (not -4, +4).
+    # Seeds 0-9 were within 0.011 of -1 and +1.
+    agent = train_probe(ppo_continuous, ProbeObsReward4, tmp_path, norm_reward=True)
     assert values(agent, -1.0, 1.0) == pytest.approx([-1.0, 1.0], abs=VALUE_TOL)
 
 
