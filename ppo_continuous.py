@@ -485,7 +485,7 @@ def make_agent_and_optimizer(args: Args) -> tuple[Agent, torch.optim.Optimizer]:
 
 
 def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None, global_step: int = 0,
-          step_fn=gradient_step, after_iteration=None, reward_scaler: Optional[RewardScaler] = None) -> int:
+          step_fn=None, after_iteration=None, reward_scaler: Optional[RewardScaler] = None) -> int:
     """PPO (the paper's Algorithm 1) from global_step (0, or a resumed run's) for the whole batches
     that fit in total_timesteps; returns the step reached. envs: by default num_envs of env_id.
     after_iteration(global_step=, episodes=, losses=, batch=, learning_rate=) runs after each
@@ -507,7 +507,7 @@ def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None,
         rewards = scale_rewards(rollout.rewards, dones) if args.norm_reward else rollout.rewards
         batch = make_batch(agent=agent, rollout=rollout, rewards=rewards, gamma=args.gamma,
                            gae_lambda=args.gae_lambda)
-        losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args, step_fn=step_fn)
+        losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args, step_fn=step_fn or gradient_step)
         # Observation statistics move only between iterations: the rollout, its old log-probs
         # and the update all saw the same normalization, so the PPO ratio compares like with like.
         if args.norm_obs:

@@ -425,7 +425,7 @@ def make_agent_and_optimizer(args: Args) -> tuple[Agent, torch.optim.Optimizer]:
 
 
 def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None, global_step: int = 0,
-          step_fn=gradient_step, after_iteration=None) -> int:
+          step_fn=None, after_iteration=None) -> int:
     """PPO (the paper's Algorithm 1) from global_step (0, or a resumed run's) for the whole batches
     that fit in total_timesteps; returns the step reached. envs: by default num_envs of env_id.
     after_iteration(global_step=, episodes=, losses=, batch=, learning_rate=) runs after each
@@ -443,7 +443,7 @@ def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None,
         obs, episodes = collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout, global_step=global_step)
         batch = make_batch(agent=agent, rollout=rollout, rewards=rollout.rewards, gamma=args.gamma,
                            gae_lambda=args.gae_lambda)
-        losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args, step_fn=step_fn)
+        losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args, step_fn=step_fn or gradient_step)
         global_step += args.batch_size
         if after_iteration is not None and after_iteration(global_step=global_step, episodes=episodes,
                                                            losses=losses, batch=batch, learning_rate=lr):
