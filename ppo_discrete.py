@@ -1087,7 +1087,11 @@ class CompiledGradientStep:
 
     def __init__(self, agent: Agent, optimizer: torch.optim.Optimizer, args: Args):
         self.own, self.calls, self.eager = (agent, optimizer, args), 0, False
-        self.params = list(agent.parameters())
+        self.params, group, self.optimizer_state = list(agent.parameters()), optimizer.param_groups[0], optimizer.state
+        # Read once: a graph that read them from the optimizer would be guarded on its learning
+        # rate too, and recompile at every iteration as the rate anneals.
+        self.adam_options = dict(beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
+                                 eps=group["eps"])
         # cpp_wrapper: the kernels are called from C++ rather than Python; the same kernels and
         # results, about 10% less time per step (measured on a CPU only, so used there only).
         self.graph = torch.compile(self.fused_step, fullgraph=True, dynamic=False,
@@ -1096,7 +1100,7 @@ class CompiledGradientStep:
     def fused_step(self, mb: Batch, lr: torch.Tensor) -> dict:
         from torch.optim.adam import adam  # the arithmetic of torch.optim.Adam, as a function
 
-        (agent, optimizer, args), group = self.own, self.own[1].param_groups[0]
+        agent, _, args = self.own
         newlogprob, entropy, newvalue = agent.logprob_entropy_value(mb.obs, mb.actions)
         advantages = mb.advantages
         if args.norm_adv:
@@ -1109,11 +1113,10 @@ class CompiledGradientStep:
         # clip_grad_norm_'s arithmetic: one norm over all gradients, scaled down to max_grad_norm
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         grads = [g * (args.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0) for g in grads]
-        state = [optimizer.state[p] for p in self.params]
+        state = [self.optimizer_state[p] for p in self.params]
         with torch.no_grad():
             adam(self.params, grads, [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [],
-                 [s["step"] for s in state], amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
-                 lr=lr, weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+                 [s["step"] for s in state], amsgrad=False, lr=lr, maximize=False, **self.adam_options)
         return parts
 
     def run_graph(self, mb: Batch) -> dict:
@@ -1123,8 +1126,8 @@ class CompiledGradientStep:
             return self.graph(mb, torch.tensor(self.own[1].param_groups[0]["lr"], device=mb.obs.device))
 
     def tensors(self) -> list[torch.Tensor]:
-        optimizer = self.own[1]
-        return self.params + [v for p in self.params for v in optimizer.state[p].values() if isinstance(v, torch.Tensor)]
+        state = self.optimizer_state
+        return self.params + [v for p in self.params for v in state[p].values() if isinstance(v, torch.Tensor)]
 
     def restore(self, saved: list[torch.Tensor]) -> None:
         with torch.no_grad():

@@ -74,11 +74,13 @@ def test_the_unedited_compiled_step_proves_itself_and_is_used(script, tmp_path, 
     calls = []
     real = script.CompiledGradientStep.run_graph
     monkeypatch.setattr(script.CompiledGradientStep, "run_graph", lambda self, mb: calls.append(1) or real(self, mb))
-    final_weights(script, tmp_path, "--compile")
+    # 10 iterations, so 10 learning rates as it anneals: the graph must not be guarded on it (it
+    # would recompile at every iteration, and fail once past Dynamo's recompile limit of 8).
+    final_weights(script, tmp_path, "--compile", "--total-timesteps", "640")
     assert "not used" not in capsys.readouterr().err
-    # 2 iterations x 2 epochs x 2 minibatches: the first step creates Adam's state eagerly, the
-    # second is the proof (the graph runs once to be compared), the other six run the graph.
-    assert len(calls) == 7
+    # 10 iterations x 2 epochs x 2 minibatches: the first step creates Adam's state eagerly, the
+    # second is the proof (the graph runs once to be compared), the other 38 run the graph.
+    assert len(calls) == 39
 
 
 def test_the_compiled_step_is_gradient_step_for_another_agent(script):
