@@ -428,7 +428,8 @@ def gradient_step(*, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Bat
                            clip_vloss=args.clip_vloss)
     optimizer.zero_grad()
     loss.backward()
-    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+    # foreach, and Adam's fused=True: one kernel for all parameters, not a loop (benchmark/RESULTS.md)
+    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
     optimizer.step()
     return parts
 
@@ -481,7 +482,7 @@ def make_agent_and_optimizer(args: Args) -> tuple[Agent, torch.optim.Optimizer]:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     agent = Agent(*env_shapes(args.env_id), args.hidden_size, args.norm_obs, args.log_std_init)
     agent.to(torch.device("cuda" if args.cuda else "cpu"))
-    return agent, torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)  # eps as in [37-3]
+    return agent, torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # eps: [37-3]
 
 
 def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None, global_step: int = 0,
@@ -508,8 +509,7 @@ def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None,
         batch = make_batch(agent=agent, rollout=rollout, rewards=rewards, gamma=args.gamma,
                            gae_lambda=args.gae_lambda)
         losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args, step_fn=step_fn or gradient_step)
-        # Observation statistics move only between iterations: the rollout, its old log-probs
-        # and the update all saw the same normalization, so the PPO ratio compares like with like.
+        # The statistics move only between iterations: rollout, old log-probs and update share them.
         if args.norm_obs:
             agent.obs_rms.update(batch.obs)
         global_step += args.batch_size

@@ -368,7 +368,8 @@ def gradient_step(*, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Bat
                            clip_vloss=args.clip_vloss)
     optimizer.zero_grad()
     loss.backward()
-    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+    # foreach, and Adam's fused=True: one kernel for all parameters, not a loop (benchmark/RESULTS.md)
+    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
     optimizer.step()
     return parts
 
@@ -421,7 +422,7 @@ def make_agent_and_optimizer(args: Args) -> tuple[Agent, torch.optim.Optimizer]:
     torch.backends.cudnn.deterministic = args.torch_deterministic
     agent = Agent(*env_shapes(args.env_id), args.hidden_size)
     agent.to(torch.device("cuda" if args.cuda else "cpu"))
-    return agent, torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)  # eps as in [37-3]
+    return agent, torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # eps: [37-3]
 
 
 def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None, global_step: int = 0,
