@@ -35,7 +35,9 @@ Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE" (arXiv:150
 Huang et al. 2022, "The 37 Implementation Details of PPO" (ICLR blog track), cited as [37-n].
 """
 
+import errno
 import importlib.util
+import io
 import json
 import math
 import os
@@ -48,6 +50,7 @@ import tempfile
 import time
 import typing
 import warnings
+import zipfile
 from collections import deque
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional
@@ -645,6 +648,33 @@ RESUME_ENTRIES = {**EVAL_ENTRIES, "optimizer": dict, "rng": dict, "iteration": i
                   "resumable": bool}
 
 TEMP_FILES: set[str] = set()  # written right now; a second Ctrl-C removes them before it exits
+# The temp files write_atomically makes in a run directory (mkstemp adds 8 characters): a kill -9
+# during a write leaves one, which the next --resume of the run removes.
+STALE_TEMP_FILE = re.compile(r"(checkpoint\.pt|best\.pt|evaluation\.json)\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux); else set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def remove_stale_temp_files(run_dir: str) -> list[str]:
+    """Remove the temp files a killed process left in run_dir (call it holding the run's lock)."""
+    removed = []
+    for name in os.listdir(run_dir):
+        if STALE_TEMP_FILE.fullmatch(name):
+            try:
+                os.remove(os.path.join(run_dir, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
 
 
 def write_atomically(path: str, write) -> None:
@@ -656,6 +686,7 @@ def write_atomically(path: str, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
     TEMP_FILES.add(tmp)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 600 would hide the run from its group
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -675,7 +706,11 @@ def save_checkpoint(path: str, *, agent, optimizer, args: Args, progress: Progre
             "obs_dim": agent.actor[0].in_features, ACTION_SIZE: agent.actor[-1].out_features, "model": agent.state_dict(),
             "optimizer": optimizer.state_dict(), "global_step": progress.global_step,
             "iteration": progress.iteration, "best_eval": float(progress.best_eval), "rng": get_rng_state()}
-    write_atomically(path, lambda f: torch.save(data, f))
+    # Serialized in memory first: on a full disk torch.save's zip writer raises RuntimeError (or
+    # worse), while a plain write raises the OSError that says what happened.
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    write_atomically(path, lambda f: f.write(buffer.getbuffer()))
 
 
 class CheckpointError(Exception):
@@ -695,12 +730,33 @@ def fits(value, kind) -> bool:
 
 
 
+def tensors_in(value) -> list[torch.Tensor]:
+    """The tensors held in a nest of dicts, lists and tuples (an optimizer's state)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return [t for item in items for t in tensors_in(item)]
+
+
 def load_checkpoint(path: str, entries: dict = EVAL_ENTRIES) -> dict:
     """Load and check a checkpoint of this script; CheckpointError says what is wrong."""
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory: give the checkpoint file in it (checkpoint.pt or best.pt)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: give the path of a checkpoint.pt or best.pt")
+    try:  # torch.save writes a zip of stored entries: what it inflates to is known before loading
+        with zipfile.ZipFile(path) as archive:
+            sizes = [(info.file_size, info.compress_size) for info in archive.infolist()]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
+                              "it may be truncated or another kind of file; pick another") from None
+    available = available_memory()
+    if any(size > stored for size, stored in sizes):
+        raise CheckpointError(f"{path} declares entries larger than it stores (compressed, which torch.save never "
+                              f"does): it is not a checkpoint of {SCRIPT}.py, and may be built to inflate; pick another")
+    if available is not None and sum(size for size, _ in sizes) > 0.5 * available:
+        raise CheckpointError(f"{path} would take {sum(size for size, _ in sizes) / 2**30:.1f} GiB to load, more than "
+                              f"half of the {available / 2**30:.1f} GiB available: pick another checkpoint")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holds more than tensors
@@ -720,8 +776,16 @@ def load_checkpoint(path: str, entries: dict = EVAL_ENTRIES) -> dict:
     wrong = [k for k, kind in entries.items() if not fits(data.get(k), kind)]
     wrong += [f"args.{f.name}" for f in fields(RunArgs) if "args" not in wrong and f.name in data["args"]
               and not fits(data["args"][f.name], f.type)]
-    if "model" not in wrong and not all(isinstance(v, torch.Tensor) for v in data["model"].values()):
+    if "model" not in wrong and not all(isinstance(k, str) and isinstance(v, torch.Tensor) and v.is_floating_point()
+                                        for k, v in data["model"].items()):
         wrong.append("model")
+    # Training never saves after a non-finite weight (Diverged): NaN or inf in a file is damage.
+    wrong += [f"{k} (non-finite numbers)" for k in ("model", "optimizer") if k in entries and k not in wrong
+              and not all(torch.isfinite(t).all() for t in tensors_in(data[k]))]
+    wrong += [k for k in ("global_step", "iteration") if k in entries and k not in wrong and data[k] < 0]
+    wrong += [k for k in ("obs_dim", ACTION_SIZE) if k not in wrong and data[k] < 1]
+    if "best_eval" in entries and "best_eval" not in wrong and math.isnan(data["best_eval"]):
+        wrong.append("best_eval")
     if wrong:
         raise CheckpointError(f"{path} lacks, or has damaged, {', '.join(wrong)}: it was not written whole "
                               f"by {SCRIPT}.py; pick another checkpoint")
@@ -744,6 +808,9 @@ def restore(agent, optimizer, state: dict, data: dict) -> None:
     agent.load_state_dict(data["model"])
     try:
         optimizer.load_state_dict(data["optimizer"])
+        for param, moments in optimizer.state.items():  # load_state_dict takes moments of any shape
+            if any(isinstance(t, torch.Tensor) and k != "step" and t.shape != param.shape for k, t in moments.items()):
+                raise ValueError("optimizer state of the wrong shape")
         for name, module in state.items():
             module.load_state_dict(data[name])
         set_rng_state(data["rng"])
@@ -781,7 +848,11 @@ def check_shapes(data: dict, args: Args, given: set[str]) -> Optional[str]:
     if (data["obs_dim"], data["n_actions"]) != (obs_dim, n_actions):
         return (f"the checkpoint was trained for {data['obs_dim']} observations and {data['n_actions']} "
                 f"actions, but {args.env_id} has {obs_dim} and {n_actions}: use the env it was trained on")
-    hidden = data["model"].get("actor.0.weight", torch.zeros(0, 0)).shape[0]
+    weight = data["model"].get("actor.0.weight")
+    if weight is None or weight.dim() != 2:  # a scalar where the first layer's weights belong
+        return ("the checkpoint's weights do not fit the network its own flags describe: the file is damaged; "
+                "pick another checkpoint")
+    hidden = weight.shape[0]
     if hidden != args.hidden_size:
         if "hidden_size" in given:
             return f"the checkpoint has hidden layers of {hidden}, not {args.hidden_size}: drop --hidden-size"
@@ -818,9 +889,25 @@ def training_state(args: RunArgs) -> dict:
 def new_run_dir(args: RunArgs) -> str:
     env_name = re.sub(r"[^A-Za-z0-9._-]", "-", args.env_id)  # "ALE/Pong-v5" must not make a subfolder
     name = f"{env_name}__{args.exp_name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = os.path.join(args.runs_dir, name)
-    os.makedirs(run_dir, exist_ok=False)  # never write into an existing run
-    return run_dir
+    parent = os.path.abspath(args.runs_dir)
+    while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)  # the nearest folder that exists: its file system sets the limit
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (AttributeError, ValueError, OSError):
+        name_max = 255
+    if len(os.fsencode(name)) > name_max:  # checked before any folder is made
+        raise OSError(errno.ENAMETOOLONG, f"its name would take {len(os.fsencode(name))} bytes, more than the "
+                      f"{name_max} a file name may have there")
+    os.makedirs(args.runs_dir, exist_ok=True)
+    for n in range(1, 100):  # another run of the same flags started in the same second: a new name, never its folder
+        run_dir = os.path.join(args.runs_dir, name if n == 1 else f"{name}-{n}")
+        try:
+            os.mkdir(run_dir)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, f"99 runs named {name} exist")
 
 
 LOSS_TAGS = {"pg_loss": "losses/policy_loss", "v_loss": "losses/value_loss", "entropy_loss": "losses/entropy",
