@@ -611,10 +611,14 @@ def check_memory(args: Args, obs_dim: int, action_size: int) -> Optional[str]:
     # Per transition: the rollout (obs and next obs, in numpy and as a shuffled copy), the other
     # fields, and the hidden activations of the batched passes that build the batch.
     per_step = 4 * (4 * obs_dim + 3 * action_size + 16) + 4 * 6 * args.hidden_size
-    need, available = network + per_step * args.batch_size, available_memory()
+    # Each env of the vector env, with its wrappers: BipedalWalker-v3, the heaviest of
+    # benchmark/envs.py, held 376 KiB per env in 1,000 (LunarLander-v3 111 KiB, the classic-control
+    # envs 5-7 KiB; resident memory, 2026-12-01).
+    per_env = 400 * 1024
+    need, available = network + per_step * args.batch_size + per_env * args.num_envs, available_memory()
     if available is not None and need > 0.8 * available:
-        return (f"a batch of {args.batch_size:,} steps and hidden layers of {args.hidden_size} need about "
-                f"{need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available: lower "
+        return (f"{args.num_envs:,} envs, a batch of {args.batch_size:,} steps and hidden layers of {args.hidden_size} "
+                f"need about {need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available: lower "
                 "--num-envs, --num-steps or --hidden-size")
     return None
 
@@ -1025,9 +1029,27 @@ class Harness:
 
 
 def check_display() -> Optional[str]:
-    if sys.platform.startswith("linux") and not any(
-            os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER")):
+    chosen = os.environ.get("SDL_VIDEODRIVER", "")  # e.g. "dummy": no window, asked for
+    if sys.platform.startswith("linux") and not chosen and not any(
+            os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY")):
         return "--render needs a display and none is set (DISPLAY is empty): record videos with --capture-video instead"
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    try:  # the envs draw with pygame; SDL falls back to an invisible "offscreen" window if the display is dead
+        import pygame
+    except ImportError:
+        return None  # the env will say what it needs
+    try:
+        pygame.display.init()
+        driver, reason = pygame.display.get_driver(), "no display server answers there"
+    except pygame.error as e:
+        driver, reason = None, str(e)
+    finally:
+        pygame.display.quit()
+    if driver is None or (driver in ("offscreen", "dummy") and driver != chosen):
+        where = ", ".join(f"{n}={os.environ[n]}" for n in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER")
+                          if os.environ.get(n))
+        return (f"--render cannot open a window with {where or 'no display set'} ({reason}): start the display, "
+                "fix DISPLAY, or record videos with --capture-video instead")
     return None
 
 
@@ -1068,6 +1090,12 @@ def export_onnx(agent: nn.Module, env_id: str, path: str, n_checks: int = 4096) 
 
     import onnxruntime
 
+    if os.path.isdir(path):
+        raise RunError(f"--export {path} is a folder: give the path of the .onnx file to write")
+    if os.path.isfile(path) and zipfile.is_zipfile(path):  # checkpoints are zips, ONNX files are not
+        raise RunError(f"--export {path} is a checkpoint: exporting over it would destroy it; give another path")
+    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK | os.X_OK):
+        raise RunError(f"--export {path}: its folder is not writable; give a path in a folder you can write")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # no notes about optional torchvision ops
     env = gym.make(env_id)
     space, obs_space = env.action_space, env.observation_space
@@ -1080,7 +1108,10 @@ def export_onnx(agent: nn.Module, env_id: str, path: str, n_checks: int = 4096) 
         program = torch.onnx.export(policy, (torch.zeros(2, obs_space.shape[0]),), dynamo=True, verbose=False,
                                     input_names=["obs"], output_names=["action"],
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
-    write_atomically(path, lambda f: f.write(program.model_proto.SerializeToString()))
+    try:
+        write_atomically(path, lambda f: f.write(program.model_proto.SerializeToString()))
+    except OSError as e:
+        raise RunError(f"cannot write {path} ({e.strerror or e}): nothing was exported", code=1) from None
     obs_space.seed(0)
     obs = np.stack([obs_space.sample() for _ in range(n_checks)]).astype(np.float32)
     got = onnxruntime.InferenceSession(path).run(None, {"obs": obs})[0]
