@@ -53,6 +53,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import typing
 import warnings
@@ -980,6 +981,62 @@ def new_run_dir(args: RunArgs) -> str:
         except FileExistsError:
             continue
     raise OSError(errno.EEXIST, f"99 runs named {name} exist")
+
+
+def lock_run_dir(run_dir: str):
+    """Hold run_dir/run.lock for the life of this process, or RunError if another process holds
+    it: two processes training one run at once would interleave its checkpoints. The lock goes
+    with the process, kill -9 included. Keep the returned file open; None where there is no flock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    lock = open(os.path.join(run_dir, "run.lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        pid = lock.read().strip()
+        lock.close()
+        raise RunError(f"another process{f' (pid {pid})' if pid.isdigit() else ''} is training {run_dir} right now: "
+                       "let it finish or stop it, then resume") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
+def check_compile_cache() -> Optional[str]:
+    """torch creates Inductor's cache folder the first time the optimizer imports torch._dynamo,
+    compiling or not: a TORCHINDUCTOR_CACHE_DIR it cannot create would be a traceback there."""
+    try:
+        import torch._dynamo  # noqa: F401
+    except OSError as e:
+        where = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "its default cache folder"
+        return (f"torch cannot create its compile cache folder {where} ({e.strerror or e}), which it needs even "
+                "with --no-compile: point TORCHINDUCTOR_CACHE_DIR to a folder you can write")
+    return None
+
+
+def os_error_reason(e: OSError) -> str:
+    """What went wrong, in a few words: the error's strerror, or the cause named in a long message
+    (moviepy's video writer wraps ffmpeg's whole output in one OSError)."""
+    if e.strerror:
+        return e.strerror
+    text = str(e)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+        if os.strerror(code) in text:
+            return os.strerror(code)
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+
+
+def quiet_thread_errors(hook) -> None:
+    """A threading.excepthook that drops OSError (TensorBoard's writer thread on a full disk: the
+    main thread gets the same error at its next write and says it in one line) and passes the rest on."""
+    if not issubclass(hook.exc_type, OSError):
+        threading.__excepthook__(hook)
+
 
 
 LOSS_TAGS = {"pg_loss": "losses/policy_loss", "v_loss": "losses/value_loss", "entropy_loss": "losses/entropy",
