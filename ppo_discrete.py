@@ -1485,6 +1485,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.stdout, sys.stderr = QuietStream(sys.stdout), QuietStream(sys.stderr)
+    threading.excepthook = quiet_thread_errors  # a write error in a thread is said once, by the main thread
+    # After a video write failed (said in one line), the recorder repeats it when the process exits.
+    warnings.filterwarnings("ignore", message=".*Unable to save last video")
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # Ctrl-C outside training (start-up, evaluation): nothing left to save
