@@ -263,6 +263,31 @@ def test_a_checkpoint_that_inflates_is_refused_before_it_is_loaded(script, train
     assert "larger than it stores" in one_line(capsys.readouterr().err)
 
 
+# ------------------------------------------------------------------ class 6: a checkpoint chooses no code
+def test_animate_imports_nothing_a_checkpoint_names(trained, tmp_path, capsys, monkeypatch):
+    sys.path.insert(0, os.path.join(ROOT, "benchmark"))
+    import animate
+
+    marker = tmp_path / "imported"
+    (tmp_path / "planted_module.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Env: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for entry in ("script", "env id"):
+        data = torch.load(trained() / "checkpoint.pt", weights_only=True)
+        if entry == "script":
+            data["script"] = "planted_module"
+        else:
+            data["args"]["env_id"] = "planted_module:Env-v0"
+        torch.save(data, tmp_path / "planted.pt")
+        monkeypatch.setattr(sys, "argv", ["animate.py", str(tmp_path / "planted.pt"), str(tmp_path / "out.gif")])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            animate.main()
+        assert exit_info.value.code == 2, entry
+        one_line(capsys.readouterr().err)
+        sys.modules.pop("planted_module", None)
+    assert not marker.exists() and not (tmp_path / "out.gif").exists()
+
+
 # ------------------------------------------------------------------ class 7: environment and resources
 def test_render_on_a_dead_display_is_refused(trained, capsys, monkeypatch):
     number = next(n for n in range(50, 100) if not os.path.exists(f"/tmp/.X11-unix/X{n}"))
