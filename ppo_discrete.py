@@ -970,7 +970,6 @@ def quiet_thread_errors(hook) -> None:
         threading.__excepthook__(hook)
 
 
-
 LOSS_TAGS = {"pg_loss": "losses/policy_loss", "v_loss": "losses/value_loss", "entropy_loss": "losses/entropy",
              "approx_kl": "losses/approx_kl", "old_approx_kl": "losses/old_approx_kl", "clipfrac": "losses/clipfrac"}
 
