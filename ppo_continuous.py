@@ -778,7 +778,8 @@ def save_checkpoint(path: str, *, agent, optimizer, args: Args, progress: Progre
     data = {**{name: module.state_dict() for name, module in (state or {}).items()}, "script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(args), "resumable": resumable,
             "obs_dim": agent.actor[0].in_features, ACTION_SIZE: agent.actor[-1].out_features, "model": agent.state_dict(),
             "optimizer": optimizer.state_dict(), "global_step": progress.global_step,
-            "iteration": progress.iteration, "best_eval": float(progress.best_eval), "rng": get_rng_state()}
+            "iteration": progress.iteration, "best_eval": float(progress.best_eval), "rng": get_rng_state(),
+            "target_reached": list(progress.target_reached) if progress.target_reached else None}
     # Serialized in memory first: on a full disk torch.save's zip writer raises RuntimeError (or
     # worse), while a plain write raises the OSError that says what happened.
     buffer = io.BytesIO()
@@ -859,6 +860,10 @@ def load_checkpoint(path: str, entries: dict = EVAL_ENTRIES) -> dict:
     wrong += [k for k in ("obs_dim", ACTION_SIZE) if k not in wrong and data[k] < 1]
     if "best_eval" in entries and "best_eval" not in wrong and math.isnan(data["best_eval"]):
         wrong.append("best_eval")
+    reached = data.get("target_reached")  # (step, seconds) where --target-return was reached, or None
+    if reached is not None and not (isinstance(reached, list) and len(reached) == 2 and fits(reached[0], int)
+                                    and fits(reached[1], float)):
+        wrong.append("target_reached")
     if wrong:
         raise CheckpointError(f"{path} lacks, or has damaged, {', '.join(wrong)}: it was not written whole "
                               f"by {SCRIPT}.py; pick another checkpoint")
@@ -934,8 +939,18 @@ def check_shapes(data: dict, args: Args, given: set[str]) -> Optional[str]:
     return None
 
 
-def check_resume(data: dict, args: Args, path: str) -> Optional[str]:
-    """Whether the checkpoint can continue: it is a run's latest state, with steps left to train."""
+def evaluated(run_dir: str, global_step: int) -> bool:
+    """Whether run_dir's evaluation.json holds the final evaluation of step global_step."""
+    try:
+        with open(os.path.join(run_dir, "evaluation.json")) as f:
+            return json.load(f).get("global_step") == global_step
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_resume(data: dict, args: Args, path: str, start: Progress) -> Optional[str]:
+    """Whether the checkpoint can continue: it is a run's latest state, with steps left to train
+    (or, if the run is trained, its final evaluation left to run)."""
     if not data["resumable"]:
         return (f"{path} is a snapshot (best.pt or a copy of one), not a run's latest state: resuming it "
                 "would rewind the run. Resume its checkpoint.pt, or evaluate it with --eval-checkpoint")
@@ -946,9 +961,13 @@ def check_resume(data: dict, args: Args, path: str) -> Optional[str]:
         return (f"the checkpoint is at step {step:,}; batches of {args.batch_size:,} cannot end exactly at "
                 f"--total-timesteps {args.total_timesteps:,}: give a multiple of the batch beyond it, e.g. "
                 f"--total-timesteps {step + k * args.batch_size}")
-    if final_step(args, step) <= step:
+    if final_step(args, step) <= step and evaluated(os.path.dirname(os.path.abspath(path)), step):
         return (f"this run is finished: it trained to step {step:,} of --total-timesteps "
                 f"{args.total_timesteps:,}. Raise --total-timesteps to train on, or evaluate it with --eval-checkpoint")
+    if start.target_reached and evaluated(os.path.dirname(os.path.abspath(path)), step):
+        return (f"this run is finished: a periodic evaluation reached --target-return {args.target_return} at step "
+                f"{start.target_reached[0]:,}. Give a higher --target-return to train on, or evaluate it with "
+                "--eval-checkpoint")
     if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
         return f"cannot write to the run directory of {path}: make it writable, or copy the run elsewhere"
     return None
@@ -991,7 +1010,10 @@ def lock_run_dir(run_dir: str):
         import fcntl
     except ImportError:  # Windows
         return None
-    lock = open(os.path.join(run_dir, "run.lock"), "a+")
+    try:
+        lock = open(os.path.join(run_dir, "run.lock"), "a+")
+    except OSError as e:
+        raise RunError(f"cannot write in {run_dir} ({e.strerror or e}): make it writable", code=1) from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -1000,10 +1022,13 @@ def lock_run_dir(run_dir: str):
         lock.close()
         raise RunError(f"another process{f' (pid {pid})' if pid.isdigit() else ''} is training {run_dir} right now: "
                        "let it finish or stop it, then resume") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(str(os.getpid()))
-    lock.flush()
+    try:  # the holder's pid, for the message above: nice to have, so a full disk does not stop the run here
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+    except OSError:
+        pass
     return lock
 
 
@@ -1128,7 +1153,7 @@ class Harness:
             save_checkpoint(path, agent=self.agent, optimizer=self.optimizer, args=self.args, progress=progress,
                             resumable=name == "checkpoint.pt", state=self.state)
         except OSError as e:
-            raise RunError(f"cannot write {path} ({e.strerror or e}) at step {progress.global_step:,}: training "
+            raise RunError(f"cannot write {path} ({os_error_reason(e)}) at step {progress.global_step:,}: training "
                            f"stopped; {self.last_checkpoint()}", code=1) from None
         if name == "checkpoint.pt":
             self.saved_step = progress.global_step
@@ -1426,6 +1451,8 @@ def prepare(cli: RunArgs, given: set[str]) -> tuple[RunArgs, Optional[dict]]:
         args = args_from_checkpoint(checkpoint, cli, given)
     if (error := args.check()) or (error := check_env(args.env_id)):
         raise RunError(error)
+    if not args.eval_checkpoint and (error := check_compile_cache()):
+        raise RunError(error)
     if args.render and (error := check_display()):
         raise RunError(error)
     if args.export:
@@ -1464,9 +1491,14 @@ def evaluate_checkpoint(args: RunArgs, checkpoint: dict, given: set[str], captur
 def finish(args: RunArgs, run_dir: str, agent: Agent, harness: Harness) -> int:
     """The deterministic evaluation at the end of a run, and evaluation.json."""
     progress = harness.progress
+    print(f"final evaluation: {args.eval_episodes} episodes of the deterministic policy", flush=True)
     video_dir = os.path.join(run_dir, "videos", "eval") if args.capture_video else None
-    eval_returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), next(agent.parameters()).device,
-                            video_dir)
+    try:
+        eval_returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args),
+                                next(agent.parameters()).device, video_dir)
+    except OSError as e:  # its videos
+        raise RunError(f"cannot write the evaluation's videos into {run_dir} ({os_error_reason(e)}); "
+                       f"{harness.last_checkpoint()}", code=1) from None
     if progress.target_reached:
         print(f"--target-return {args.target_return} reached at step {progress.target_reached[0]:,}, after "
               f"{progress.target_reached[1]:.0f} s of training")
@@ -1476,10 +1508,34 @@ def finish(args: RunArgs, run_dir: str, agent: Agent, harness: Harness) -> int:
                           target_return=args.target_return, target_reached_step=reached[0],
                           target_reached_seconds=reached[1])
     except OSError as e:
-        raise RunError(f"cannot write the evaluation into {run_dir} ({e.strerror or e}); "
+        raise RunError(f"cannot write the evaluation into {run_dir} ({os_error_reason(e)}); "
                        f"{harness.last_checkpoint()}", code=1) from None
-    print(f"run dir: {run_dir}\n  tensorboard --logdir {args.runs_dir}")
+    # The folder that holds this run: a resumed copy of a run is not in the runs_dir it was trained in.
+    print(f"run dir: {run_dir}\n  tensorboard --logdir {os.path.dirname(run_dir)}")
     return 0
+
+
+class EvaluationStopped(Exception):
+    """A signal during the final evaluation (raised by stop_evaluation, the handler then)."""
+
+
+def stop_evaluation(signum, frame):
+    raise EvaluationStopped(signum)
+
+
+def finish_or_resume(args: RunArgs, run_dir: str, agent: Agent, harness: Harness) -> int:
+    """finish(), with Ctrl-C, SIGTERM and SIGHUP stopping it in one line: the run is trained and
+    saved, and --resume runs the evaluation that was stopped."""
+    signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    for signum in signals:
+        signal.signal(signum, stop_evaluation)
+    try:
+        return finish(args, run_dir, agent, harness)
+    except EvaluationStopped as e:
+        signum = e.args[0]
+        raise RunError(f"{signal.Signals(signum).name} during the final evaluation, which was not written; the run is "
+                       f"trained and {harness.last_checkpoint()}: `python {SCRIPT}.py --resume "
+                       f"{os.path.join(run_dir, 'checkpoint.pt')}` runs the evaluation", code=128 + signum) from None
 
 
 def run(cli: RunArgs, argv: list[str]) -> int:
@@ -1492,48 +1548,62 @@ def run(cli: RunArgs, argv: list[str]) -> int:
     if checkpoint is not None:
         run_dir = os.path.dirname(os.path.abspath(args.resume))
         restore(agent, optimizer, state, checkpoint)
-        if error := check_resume(checkpoint, args, args.resume):
+        # An explicit --target-return is a new target; else one reached before ends the run.
+        reached = None if "target_return" in given else checkpoint.get("target_reached")
+        start = Progress(checkpoint["global_step"], checkpoint["iteration"], checkpoint["best_eval"],
+                         tuple(reached) if reached else None)
+        if error := check_resume(checkpoint, args, args.resume, start):
             raise RunError(error)
-        start = Progress(checkpoint["global_step"], checkpoint["iteration"], checkpoint["best_eval"])
+        lock = lock_run_dir(run_dir)  # noqa: F841  (held until this process ends)
+        remove_stale_temp_files(run_dir)  # left by a process killed while writing
+        if final_step(args, start.global_step) <= start.global_step or start.target_reached:
+            print(f"{run_dir} is trained to step {start.global_step:,}; its final evaluation is missing: running it")
+            return finish_or_resume(args, run_dir, agent, Harness(args, run_dir, agent, optimizer, start))
         print(f"resuming {run_dir} at step {start.global_step:,}")
     else:
         try:
             run_dir = new_run_dir(args)
         except OSError as e:
-            raise RunError(f"cannot create the run directory ({e}): pick another --runs-dir or --exp-name") from None
+            raise RunError(f"cannot create the run directory ({os_error_reason(e)}): pick another --runs-dir or "
+                           "--exp-name") from None
+        lock = lock_run_dir(run_dir)  # noqa: F841
     print(f"{SCRIPT}: {args.env_id}, {args.batch_size}-step batches ({args.num_envs} envs x {args.num_steps} "
           f"steps) to step {final_step(args, start.global_step):,}, minibatch {args.minibatch_size}, run dir {run_dir}")
     step_fn = choose_gradient_step(args, agent, optimizer, forced="compile" in given)
     if step_fn is not gradient_step:
         print("compiling the gradient step (torch.compile): the first iteration takes up to ~20 s longer on a "
               "machine's first run, a few seconds once Inductor's cache holds the code (--no-compile: eager)")
-    writer = make_writer(args, run_dir, start.global_step)
-    harness = Harness(args, run_dir, agent, optimizer, start, writer, step_fn is not gradient_step, state)
+    harness = Harness(args, run_dir, agent, optimizer, start, None, step_fn is not gradient_step, state)
     signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     for signum in signals:
         signal.signal(signum, harness)
-    envs = make_training_envs(args, run_dir, start.global_step)
+    envs = None
     try:
+        harness.writer = make_writer(args, run_dir, start.global_step)
+        envs = make_training_envs(args, run_dir, start.global_step)
         train(args, agent, optimizer, envs, start.global_step, step_fn, harness.after_iteration, **state)
+        envs.close()  # the last video, then TensorBoard's last events, reach the disk here
+        harness.writer.close()
     except Diverged as e:
         raise RunError(f"training diverged in the iteration after step {harness.progress.global_step:,} ({e}); nothing "
                        f"was saved after it: {harness.last_checkpoint()}. Try a lower --learning-rate than "
                        f"{args.learning_rate}", code=1) from None
     except OSError as e:  # TensorBoard or video files
-        raise RunError(f"cannot write in {run_dir} ({e.strerror or e}): training stopped; "
+        raise RunError(f"cannot write in {run_dir} ({os_error_reason(e)}): training stopped; "
                        f"{harness.last_checkpoint()}", code=1) from None
     finally:
-        envs.close()
-        writer.close()
+        for opened in (envs, harness.writer):  # after an error; a second close does nothing
+            try:
+                if opened is not None:
+                    opened.close()
+            except OSError:
+                pass  # the error being raised says it already
     progress = harness.progress
     if harness.signum:
         print(f"stopped at step {progress.global_step:,}; checkpoint saved. Resume with:\n"
               f"  python {SCRIPT}.py --resume {os.path.join(run_dir, 'checkpoint.pt')}", file=sys.stderr)
         return 128 + harness.signum
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C now stops the evaluation
-    for signum in signals[1:]:
-        signal.signal(signum, signal.SIG_DFL)
-    return finish(args, run_dir, agent, harness)
+    return finish_or_resume(args, run_dir, agent, harness)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
