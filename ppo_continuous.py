@@ -62,6 +62,8 @@ from collections import deque
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional
 
+if __name__ == "__main__":  # Ctrl-C during these imports exits at once: raised as KeyboardInterrupt
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # it could land in native code
 try:  # these take a second or two: Ctrl-C meanwhile exits quietly, like Ctrl-C anywhere else
     import gymnasium as gym
     import numpy as np
@@ -854,8 +856,8 @@ def load_checkpoint(path: str, entries: dict = EVAL_ENTRIES) -> dict:
                                         for k, v in data["model"].items()):
         wrong.append("model")
     # Training never saves after a non-finite weight (Diverged): NaN or inf in a file is damage.
-    wrong += [f"{k} (non-finite numbers)" for k in ("model", "optimizer") if k in entries and k not in wrong
-              and not all(torch.isfinite(t).all() for t in tensors_in(data[k]))]
+    wrong += [f"{k} (non-finite numbers)" for k, v in data.items() if k not in wrong
+              and not all(torch.isfinite(t).all() for t in tensors_in(v))]
     wrong += [k for k in ("global_step", "iteration") if k in entries and k not in wrong and data[k] < 0]
     wrong += [k for k in ("obs_dim", ACTION_SIZE) if k not in wrong and data[k] < 1]
     if "best_eval" in entries and "best_eval" not in wrong and math.isnan(data["best_eval"]):
@@ -1515,6 +1517,23 @@ def finish(args: RunArgs, run_dir: str, agent: Agent, harness: Harness) -> int:
     return 0
 
 
+def quit_at_once(signum, frame):
+    """Ctrl-C outside training and the final evaluation (start-up, --eval-checkpoint): nothing is
+    left to save, so exit at once (130), removing any temp file being written. Raised as
+    KeyboardInterrupt, it could land in native code (an abort) or in a library's catch-all."""
+    for tmp in list(TEMP_FILES):
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+    try:
+        sys.stdout.flush()
+        os.write(2, b"\ninterrupted\n")
+    except (OSError, ValueError):
+        pass
+    os._exit(130)
+
+
 class EvaluationStopped(Exception):
     """A signal during the final evaluation (raised by stop_evaluation, the handler then)."""
 
@@ -1536,6 +1555,33 @@ def finish_or_resume(args: RunArgs, run_dir: str, agent: Agent, harness: Harness
         raise RunError(f"{signal.Signals(signum).name} during the final evaluation, which was not written; the run is "
                        f"trained and {harness.last_checkpoint()}: `python {SCRIPT}.py --resume "
                        f"{os.path.join(run_dir, 'checkpoint.pt')}` runs the evaluation", code=128 + signum) from None
+    finally:  # as before: Ctrl-C a KeyboardInterrupt, the default action for the others
+        for other in signals:
+            signal.signal(other, signal.default_int_handler if other == signal.SIGINT else signal.SIG_DFL)
+
+
+def open_run(args: RunArgs, checkpoint: Optional[dict], given: set[str], agent: Agent,
+             optimizer: torch.optim.Optimizer, state: dict):
+    """(run directory, progress to start from, its lock): a new run's, or the resumed run's,
+    restored from the checkpoint and checked. The lock is held while the returned file is open."""
+    if checkpoint is None:
+        try:
+            run_dir = new_run_dir(args)
+        except OSError as e:
+            raise RunError(f"cannot create the run directory ({os_error_reason(e)}): pick another --runs-dir or "
+                           "--exp-name") from None
+        return run_dir, Progress(), lock_run_dir(run_dir)
+    run_dir = os.path.dirname(os.path.abspath(args.resume))
+    restore(agent, optimizer, state, checkpoint)
+    # An explicit --target-return is a new target; else one reached before ends the run.
+    reached = None if "target_return" in given else checkpoint.get("target_reached")
+    start = Progress(checkpoint["global_step"], checkpoint["iteration"], checkpoint["best_eval"],
+                     tuple(reached) if reached else None)
+    if error := check_resume(checkpoint, args, args.resume, start):
+        raise RunError(error)
+    lock = lock_run_dir(run_dir)
+    remove_stale_temp_files(run_dir)  # left by a process killed while writing
+    return run_dir, start, lock
 
 
 def run(cli: RunArgs, argv: list[str]) -> int:
@@ -1544,29 +1590,12 @@ def run(cli: RunArgs, argv: list[str]) -> int:
     if args.eval_checkpoint:
         return evaluate_checkpoint(args, checkpoint, given, cli.capture_video)
     (agent, optimizer), state = make_agent_and_optimizer(args), training_state(args)
-    start = Progress()
+    run_dir, start, lock = open_run(args, checkpoint, given, agent, optimizer, state)  # noqa: F841 (lock: held)
+    if final_step(args, start.global_step) <= start.global_step or start.target_reached:
+        print(f"{run_dir} is trained to step {start.global_step:,}; its final evaluation is missing: running it")
+        return finish_or_resume(args, run_dir, agent, Harness(args, run_dir, agent, optimizer, start))
     if checkpoint is not None:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-        restore(agent, optimizer, state, checkpoint)
-        # An explicit --target-return is a new target; else one reached before ends the run.
-        reached = None if "target_return" in given else checkpoint.get("target_reached")
-        start = Progress(checkpoint["global_step"], checkpoint["iteration"], checkpoint["best_eval"],
-                         tuple(reached) if reached else None)
-        if error := check_resume(checkpoint, args, args.resume, start):
-            raise RunError(error)
-        lock = lock_run_dir(run_dir)  # noqa: F841  (held until this process ends)
-        remove_stale_temp_files(run_dir)  # left by a process killed while writing
-        if final_step(args, start.global_step) <= start.global_step or start.target_reached:
-            print(f"{run_dir} is trained to step {start.global_step:,}; its final evaluation is missing: running it")
-            return finish_or_resume(args, run_dir, agent, Harness(args, run_dir, agent, optimizer, start))
         print(f"resuming {run_dir} at step {start.global_step:,}")
-    else:
-        try:
-            run_dir = new_run_dir(args)
-        except OSError as e:
-            raise RunError(f"cannot create the run directory ({os_error_reason(e)}): pick another --runs-dir or "
-                           "--exp-name") from None
-        lock = lock_run_dir(run_dir)  # noqa: F841
     print(f"{SCRIPT}: {args.env_id}, {args.batch_size}-step batches ({args.num_envs} envs x {args.num_steps} "
           f"steps) to step {final_step(args, start.global_step):,}, minibatch {args.minibatch_size}, run dir {run_dir}")
     step_fn = choose_gradient_step(args, agent, optimizer, forced="compile" in given)
@@ -1623,6 +1652,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 if __name__ == "__main__":
     sys.stdout, sys.stderr = QuietStream(sys.stdout), QuietStream(sys.stderr)
     threading.excepthook = quiet_thread_errors  # a write error in a thread is said once, by the main thread
+    signal.signal(signal.SIGINT, quit_at_once)  # until training (or the final evaluation) takes Ctrl-C over
     # After a video write failed (said in one line), the recorder repeats it when the process exits.
     warnings.filterwarnings("ignore", message=".*Unable to save last video")
     try:
