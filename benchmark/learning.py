@@ -69,7 +69,7 @@ def code_version(script: str) -> str:
     module = __import__(script)
     with open(os.path.join(ROOT, f"{script}.py"), "rb") as f:
         source = f.read()
-    defaults = json.dumps(asdict(module.Args()), sort_keys=True, default=str).encode()
+    defaults = json.dumps(asdict(getattr(module, "RunArgs", module.Args)()), sort_keys=True, default=str).encode()
     return hashlib.sha256(source + b"\0" + defaults).hexdigest()[:12]
 
 
