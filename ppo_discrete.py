@@ -35,7 +35,9 @@ Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE" (arXiv:150
 Huang et al. 2022, "The 37 Implementation Details of PPO" (ICLR blog track), cited as [37-n].
 """
 
+import errno
 import importlib.util
+import io
 import json
 import math
 import os
@@ -45,13 +47,17 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import typing
 import warnings
+import zipfile
 from collections import deque
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional
 
+if __name__ == "__main__":  # Ctrl-C during these imports exits at once: raised as KeyboardInterrupt
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # it could land in native code
 try:  # these take a second or two: Ctrl-C meanwhile exits quietly, like Ctrl-C anywhere else
     import gymnasium as gym
     import numpy as np
@@ -609,10 +615,14 @@ def check_memory(args: Args, obs_dim: int, action_size: int) -> Optional[str]:
     # Per transition: the rollout (obs and next obs, in numpy and as a shuffled copy), the other
     # fields, and the hidden activations of the batched passes that build the batch.
     per_step = 4 * (4 * obs_dim + 3 * action_size + 16) + 4 * 6 * args.hidden_size
-    need, available = network + per_step * args.batch_size, available_memory()
+    # Each env of the vector env, with its wrappers: BipedalWalker-v3, the heaviest of
+    # benchmark/envs.py, held 376 KiB per env in 1,000 (LunarLander-v3 111 KiB, the classic-control
+    # envs 5-7 KiB; resident memory, 2026-12-01).
+    per_env = 400 * 1024
+    need, available = network + per_step * args.batch_size + per_env * args.num_envs, available_memory()
     if available is not None and need > 0.8 * available:
-        return (f"a batch of {args.batch_size:,} steps and hidden layers of {args.hidden_size} need about "
-                f"{need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available: lower "
+        return (f"{args.num_envs:,} envs, a batch of {args.batch_size:,} steps and hidden layers of {args.hidden_size} "
+                f"need about {need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available: lower "
                 "--num-envs, --num-steps or --hidden-size")
     return None
 
@@ -646,6 +656,33 @@ RESUME_ENTRIES = {**EVAL_ENTRIES, "optimizer": dict, "rng": dict, "iteration": i
                   "resumable": bool}
 
 TEMP_FILES: set[str] = set()  # written right now; a second Ctrl-C removes them before it exits
+# The temp files write_atomically makes in a run directory (mkstemp adds 8 characters): a kill -9
+# during a write leaves one, which the next --resume of the run removes.
+STALE_TEMP_FILE = re.compile(r"(checkpoint\.pt|best\.pt|evaluation\.json)\.[A-Za-z0-9_]{8}\.tmp")
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux); else set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def remove_stale_temp_files(run_dir: str) -> list[str]:
+    """Remove the temp files a killed process left in run_dir (call it holding the run's lock)."""
+    removed = []
+    for name in os.listdir(run_dir):
+        if STALE_TEMP_FILE.fullmatch(name):
+            try:
+                os.remove(os.path.join(run_dir, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
 
 
 def write_atomically(path: str, write) -> None:
@@ -657,6 +694,7 @@ def write_atomically(path: str, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
     TEMP_FILES.add(tmp)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 600 would hide the run from its group
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -675,8 +713,13 @@ def save_checkpoint(path: str, *, agent, optimizer, args: Args, progress: Progre
     data = {**{name: module.state_dict() for name, module in (state or {}).items()}, "script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(args), "resumable": resumable,
             "obs_dim": agent.actor[0].in_features, ACTION_SIZE: agent.actor[-1].out_features, "model": agent.state_dict(),
             "optimizer": optimizer.state_dict(), "global_step": progress.global_step,
-            "iteration": progress.iteration, "best_eval": float(progress.best_eval), "rng": get_rng_state()}
-    write_atomically(path, lambda f: torch.save(data, f))
+            "iteration": progress.iteration, "best_eval": float(progress.best_eval), "rng": get_rng_state(),
+            "target_reached": list(progress.target_reached) if progress.target_reached else None}
+    # Serialized in memory first: on a full disk torch.save's zip writer raises RuntimeError (or
+    # worse), while a plain write raises the OSError that says what happened.
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    write_atomically(path, lambda f: f.write(buffer.getbuffer()))
 
 
 class CheckpointError(Exception):
@@ -696,12 +739,33 @@ def fits(value, kind) -> bool:
 
 
 
+def tensors_in(value) -> list[torch.Tensor]:
+    """The tensors held in a nest of dicts, lists and tuples (an optimizer's state)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return [t for item in items for t in tensors_in(item)]
+
+
 def load_checkpoint(path: str, entries: dict = EVAL_ENTRIES) -> dict:
     """Load and check a checkpoint of this script; CheckpointError says what is wrong."""
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a directory: give the checkpoint file in it (checkpoint.pt or best.pt)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: give the path of a checkpoint.pt or best.pt")
+    try:  # torch.save writes a zip of stored entries: what it inflates to is known before loading
+        with zipfile.ZipFile(path) as archive:
+            sizes = [(info.file_size, info.compress_size) for info in archive.infolist()]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
+                              "it may be truncated or another kind of file; pick another") from None
+    available = available_memory()
+    if any(size > stored for size, stored in sizes):
+        raise CheckpointError(f"{path} declares entries larger than it stores (compressed, which torch.save never "
+                              f"does): it is not a checkpoint of {SCRIPT}.py, and may be built to inflate; pick another")
+    if available is not None and sum(size for size, _ in sizes) > 0.5 * available:
+        raise CheckpointError(f"{path} would take {sum(size for size, _ in sizes) / 2**30:.1f} GiB to load, more than "
+                              f"half of the {available / 2**30:.1f} GiB available: pick another checkpoint")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holds more than tensors
@@ -721,8 +785,20 @@ def load_checkpoint(path: str, entries: dict = EVAL_ENTRIES) -> dict:
     wrong = [k for k, kind in entries.items() if not fits(data.get(k), kind)]
     wrong += [f"args.{f.name}" for f in fields(RunArgs) if "args" not in wrong and f.name in data["args"]
               and not fits(data["args"][f.name], f.type)]
-    if "model" not in wrong and not all(isinstance(v, torch.Tensor) for v in data["model"].values()):
+    if "model" not in wrong and not all(isinstance(k, str) and isinstance(v, torch.Tensor) and v.is_floating_point()
+                                        for k, v in data["model"].items()):
         wrong.append("model")
+    # Training never saves after a non-finite weight (Diverged): NaN or inf in a file is damage.
+    wrong += [f"{k} (non-finite numbers)" for k, v in data.items() if k not in wrong
+              and not all(torch.isfinite(t).all() for t in tensors_in(v))]
+    wrong += [k for k in ("global_step", "iteration") if k in entries and k not in wrong and data[k] < 0]
+    wrong += [k for k in ("obs_dim", ACTION_SIZE) if k not in wrong and data[k] < 1]
+    if "best_eval" in entries and "best_eval" not in wrong and math.isnan(data["best_eval"]):
+        wrong.append("best_eval")
+    reached = data.get("target_reached")  # (step, seconds) where --target-return was reached, or None
+    if reached is not None and not (isinstance(reached, list) and len(reached) == 2 and fits(reached[0], int)
+                                    and fits(reached[1], float)):
+        wrong.append("target_reached")
     if wrong:
         raise CheckpointError(f"{path} lacks, or has damaged, {', '.join(wrong)}: it was not written whole "
                               f"by {SCRIPT}.py; pick another checkpoint")
@@ -745,6 +821,9 @@ def restore(agent, optimizer, state: dict, data: dict) -> None:
     agent.load_state_dict(data["model"])
     try:
         optimizer.load_state_dict(data["optimizer"])
+        for param, moments in optimizer.state.items():  # load_state_dict takes moments of any shape
+            if any(isinstance(t, torch.Tensor) and k != "step" and t.shape != param.shape for k, t in moments.items()):
+                raise ValueError("optimizer state of the wrong shape")
         for name, module in state.items():
             module.load_state_dict(data[name])
         set_rng_state(data["rng"])
@@ -782,7 +861,11 @@ def check_shapes(data: dict, args: Args, given: set[str]) -> Optional[str]:
     if (data["obs_dim"], data["n_actions"]) != (obs_dim, n_actions):
         return (f"the checkpoint was trained for {data['obs_dim']} observations and {data['n_actions']} "
                 f"actions, but {args.env_id} has {obs_dim} and {n_actions}: use the env it was trained on")
-    hidden = data["model"].get("actor.0.weight", torch.zeros(0, 0)).shape[0]
+    weight = data["model"].get("actor.0.weight")
+    if weight is None or weight.dim() != 2:  # a scalar where the first layer's weights belong
+        return ("the checkpoint's weights do not fit the network its own flags describe: the file is damaged; "
+                "pick another checkpoint")
+    hidden = weight.shape[0]
     if hidden != args.hidden_size:
         if "hidden_size" in given:
             return f"the checkpoint has hidden layers of {hidden}, not {args.hidden_size}: drop --hidden-size"
@@ -791,8 +874,18 @@ def check_shapes(data: dict, args: Args, given: set[str]) -> Optional[str]:
     return None
 
 
-def check_resume(data: dict, args: Args, path: str) -> Optional[str]:
-    """Whether the checkpoint can continue: it is a run's latest state, with steps left to train."""
+def evaluated(run_dir: str, global_step: int) -> bool:
+    """Whether run_dir's evaluation.json holds the final evaluation of step global_step."""
+    try:
+        with open(os.path.join(run_dir, "evaluation.json")) as f:
+            return json.load(f).get("global_step") == global_step
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_resume(data: dict, args: Args, path: str, start: Progress) -> Optional[str]:
+    """Whether the checkpoint can continue: it is a run's latest state, with steps left to train
+    (or, if the run is trained, its final evaluation left to run)."""
     if not data["resumable"]:
         return (f"{path} is a snapshot (best.pt or a copy of one), not a run's latest state: resuming it "
                 "would rewind the run. Resume its checkpoint.pt, or evaluate it with --eval-checkpoint")
@@ -803,9 +896,13 @@ def check_resume(data: dict, args: Args, path: str) -> Optional[str]:
         return (f"the checkpoint is at step {step:,}; batches of {args.batch_size:,} cannot end exactly at "
                 f"--total-timesteps {args.total_timesteps:,}: give a multiple of the batch beyond it, e.g. "
                 f"--total-timesteps {step + k * args.batch_size}")
-    if final_step(args, step) <= step:
+    if final_step(args, step) <= step and evaluated(os.path.dirname(os.path.abspath(path)), step):
         return (f"this run is finished: it trained to step {step:,} of --total-timesteps "
                 f"{args.total_timesteps:,}. Raise --total-timesteps to train on, or evaluate it with --eval-checkpoint")
+    if start.target_reached and evaluated(os.path.dirname(os.path.abspath(path)), step):
+        return (f"this run is finished: a periodic evaluation reached --target-return {args.target_return} at step "
+                f"{start.target_reached[0]:,}. Give a higher --target-return to train on, or evaluate it with "
+                "--eval-checkpoint")
     if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
         return f"cannot write to the run directory of {path}: make it writable, or copy the run elsewhere"
     return None
@@ -819,9 +916,86 @@ def training_state(args: RunArgs) -> dict:
 def new_run_dir(args: RunArgs) -> str:
     env_name = re.sub(r"[^A-Za-z0-9._-]", "-", args.env_id)  # "ALE/Pong-v5" must not make a subfolder
     name = f"{env_name}__{args.exp_name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = os.path.join(args.runs_dir, name)
-    os.makedirs(run_dir, exist_ok=False)  # never write into an existing run
-    return run_dir
+    parent = os.path.abspath(args.runs_dir)
+    while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)  # the nearest folder that exists: its file system sets the limit
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (AttributeError, ValueError, OSError):
+        name_max = 255
+    if len(os.fsencode(name)) > name_max:  # checked before any folder is made
+        raise OSError(errno.ENAMETOOLONG, f"its name would take {len(os.fsencode(name))} bytes, more than the "
+                      f"{name_max} a file name may have there")
+    os.makedirs(args.runs_dir, exist_ok=True)
+    for n in range(1, 100):  # another run of the same flags started in the same second: a new name, never its folder
+        run_dir = os.path.join(args.runs_dir, name if n == 1 else f"{name}-{n}")
+        try:
+            os.mkdir(run_dir)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise OSError(errno.EEXIST, f"99 runs named {name} exist")
+
+
+def lock_run_dir(run_dir: str):
+    """Hold run_dir/run.lock for the life of this process, or RunError if another process holds
+    it: two processes training one run at once would interleave its checkpoints. The lock goes
+    with the process, kill -9 included. Keep the returned file open; None where there is no flock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    try:
+        lock = open(os.path.join(run_dir, "run.lock"), "a+")
+    except OSError as e:
+        raise RunError(f"cannot write in {run_dir} ({e.strerror or e}): make it writable", code=1) from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        pid = lock.read().strip()
+        lock.close()
+        raise RunError(f"another process{f' (pid {pid})' if pid.isdigit() else ''} is training {run_dir} right now: "
+                       "let it finish or stop it, then resume") from None
+    try:  # the holder's pid, for the message above: nice to have, so a full disk does not stop the run here
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+    except OSError:
+        pass
+    return lock
+
+
+def check_compile_cache() -> Optional[str]:
+    """torch creates Inductor's cache folder the first time the optimizer imports torch._dynamo,
+    compiling or not: a TORCHINDUCTOR_CACHE_DIR it cannot create would be a traceback there."""
+    try:
+        import torch._dynamo  # noqa: F401
+    except OSError as e:
+        where = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "its default cache folder"
+        return (f"torch cannot create its compile cache folder {where} ({e.strerror or e}), which it needs even "
+                "with --no-compile: point TORCHINDUCTOR_CACHE_DIR to a folder you can write")
+    return None
+
+
+def os_error_reason(e: OSError) -> str:
+    """What went wrong, in a few words: the error's strerror, or the cause named in a long message
+    (moviepy's video writer wraps ffmpeg's whole output in one OSError)."""
+    if e.strerror:
+        return e.strerror
+    text = str(e)
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+        if os.strerror(code) in text:
+            return os.strerror(code)
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+
+
+def quiet_thread_errors(hook) -> None:
+    """A threading.excepthook that drops OSError (TensorBoard's writer thread on a full disk: the
+    main thread gets the same error at its next write and says it in one line) and passes the rest on."""
+    if not issubclass(hook.exc_type, OSError):
+        threading.__excepthook__(hook)
 
 
 LOSS_TAGS = {"pg_loss": "losses/policy_loss", "v_loss": "losses/value_loss", "entropy_loss": "losses/entropy",
@@ -914,7 +1088,7 @@ class Harness:
             save_checkpoint(path, agent=self.agent, optimizer=self.optimizer, args=self.args, progress=progress,
                             resumable=name == "checkpoint.pt", state=self.state)
         except OSError as e:
-            raise RunError(f"cannot write {path} ({e.strerror or e}) at step {progress.global_step:,}: training "
+            raise RunError(f"cannot write {path} ({os_error_reason(e)}) at step {progress.global_step:,}: training "
                            f"stopped; {self.last_checkpoint()}", code=1) from None
         if name == "checkpoint.pt":
             self.saved_step = progress.global_step
@@ -939,9 +1113,27 @@ class Harness:
 
 
 def check_display() -> Optional[str]:
-    if sys.platform.startswith("linux") and not any(
-            os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER")):
+    chosen = os.environ.get("SDL_VIDEODRIVER", "")  # e.g. "dummy": no window, asked for
+    if sys.platform.startswith("linux") and not chosen and not any(
+            os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY")):
         return "--render needs a display and none is set (DISPLAY is empty): record videos with --capture-video instead"
+    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
+    try:  # the envs draw with pygame; SDL falls back to an invisible "offscreen" window if the display is dead
+        import pygame
+    except ImportError:
+        return None  # the env will say what it needs
+    try:
+        pygame.display.init()
+        driver, reason = pygame.display.get_driver(), "no display server answers there"
+    except pygame.error as e:
+        driver, reason = None, str(e)
+    finally:
+        pygame.display.quit()
+    if driver is None or (driver in ("offscreen", "dummy") and driver != chosen):
+        where = ", ".join(f"{n}={os.environ[n]}" for n in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER")
+                          if os.environ.get(n))
+        return (f"--render cannot open a window with {where or 'no display set'} ({reason}): start the display, "
+                "fix DISPLAY, or record videos with --capture-video instead")
     return None
 
 
@@ -982,6 +1174,12 @@ def export_onnx(agent: nn.Module, env_id: str, path: str, n_checks: int = 4096) 
 
     import onnxruntime
 
+    if os.path.isdir(path):
+        raise RunError(f"--export {path} is a folder: give the path of the .onnx file to write")
+    if os.path.isfile(path) and zipfile.is_zipfile(path):  # checkpoints are zips, ONNX files are not
+        raise RunError(f"--export {path} is a checkpoint: exporting over it would destroy it; give another path")
+    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK | os.X_OK):
+        raise RunError(f"--export {path}: its folder is not writable; give a path in a folder you can write")
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # no notes about optional torchvision ops
     env = gym.make(env_id)
     space, obs_space = env.action_space, env.observation_space
@@ -994,7 +1192,10 @@ def export_onnx(agent: nn.Module, env_id: str, path: str, n_checks: int = 4096) 
         program = torch.onnx.export(policy, (torch.zeros(2, obs_space.shape[0]),), dynamo=True, verbose=False,
                                     input_names=["obs"], output_names=["action"],
                                     dynamic_shapes=({0: torch.export.Dim("batch")},))
-    write_atomically(path, lambda f: f.write(program.model_proto.SerializeToString()))
+    try:
+        write_atomically(path, lambda f: f.write(program.model_proto.SerializeToString()))
+    except OSError as e:
+        raise RunError(f"cannot write {path} ({e.strerror or e}): nothing was exported", code=1) from None
     obs_space.seed(0)
     obs = np.stack([obs_space.sample() for _ in range(n_checks)]).astype(np.float32)
     got = onnxruntime.InferenceSession(path).run(None, {"obs": obs})[0]
@@ -1185,6 +1386,8 @@ def prepare(cli: RunArgs, given: set[str]) -> tuple[RunArgs, Optional[dict]]:
         args = args_from_checkpoint(checkpoint, cli, given)
     if (error := args.check()) or (error := check_env(args.env_id)):
         raise RunError(error)
+    if not args.eval_checkpoint and (error := check_compile_cache()):
+        raise RunError(error)
     if args.render and (error := check_display()):
         raise RunError(error)
     if args.export:
@@ -1223,9 +1426,14 @@ def evaluate_checkpoint(args: RunArgs, checkpoint: dict, given: set[str], captur
 def finish(args: RunArgs, run_dir: str, agent: Agent, harness: Harness) -> int:
     """The deterministic evaluation at the end of a run, and evaluation.json."""
     progress = harness.progress
+    print(f"final evaluation: {args.eval_episodes} episodes of the deterministic policy", flush=True)
     video_dir = os.path.join(run_dir, "videos", "eval") if args.capture_video else None
-    eval_returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), next(agent.parameters()).device,
-                            video_dir)
+    try:
+        eval_returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args),
+                                next(agent.parameters()).device, video_dir)
+    except OSError as e:  # its videos
+        raise RunError(f"cannot write the evaluation's videos into {run_dir} ({os_error_reason(e)}); "
+                       f"{harness.last_checkpoint()}", code=1) from None
     if progress.target_reached:
         print(f"--target-return {args.target_return} reached at step {progress.target_reached[0]:,}, after "
               f"{progress.target_reached[1]:.0f} s of training")
@@ -1235,10 +1443,78 @@ def finish(args: RunArgs, run_dir: str, agent: Agent, harness: Harness) -> int:
                           target_return=args.target_return, target_reached_step=reached[0],
                           target_reached_seconds=reached[1])
     except OSError as e:
-        raise RunError(f"cannot write the evaluation into {run_dir} ({e.strerror or e}); "
+        raise RunError(f"cannot write the evaluation into {run_dir} ({os_error_reason(e)}); "
                        f"{harness.last_checkpoint()}", code=1) from None
-    print(f"run dir: {run_dir}\n  tensorboard --logdir {args.runs_dir}")
+    # The folder that holds this run: a resumed copy of a run is not in the runs_dir it was trained in.
+    print(f"run dir: {run_dir}\n  tensorboard --logdir {os.path.dirname(run_dir)}")
     return 0
+
+
+def quit_at_once(signum, frame):
+    """Ctrl-C outside training and the final evaluation (start-up, --eval-checkpoint): nothing is
+    left to save, so exit at once (130), removing any temp file being written. Raised as
+    KeyboardInterrupt, it could land in native code (an abort) or in a library's catch-all."""
+    for tmp in list(TEMP_FILES):
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+    try:
+        sys.stdout.flush()
+        os.write(2, b"\ninterrupted\n")
+    except (OSError, ValueError):
+        pass
+    os._exit(130)
+
+
+class EvaluationStopped(Exception):
+    """A signal during the final evaluation (raised by stop_evaluation, the handler then)."""
+
+
+def stop_evaluation(signum, frame):
+    raise EvaluationStopped(signum)
+
+
+def finish_or_resume(args: RunArgs, run_dir: str, agent: Agent, harness: Harness) -> int:
+    """finish(), with Ctrl-C, SIGTERM and SIGHUP stopping it in one line: the run is trained and
+    saved, and --resume runs the evaluation that was stopped."""
+    signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    for signum in signals:
+        signal.signal(signum, stop_evaluation)
+    try:
+        return finish(args, run_dir, agent, harness)
+    except EvaluationStopped as e:
+        signum = e.args[0]
+        raise RunError(f"{signal.Signals(signum).name} during the final evaluation, which was not written; the run is "
+                       f"trained and {harness.last_checkpoint()}: `python {SCRIPT}.py --resume "
+                       f"{os.path.join(run_dir, 'checkpoint.pt')}` runs the evaluation", code=128 + signum) from None
+    finally:  # as before: Ctrl-C a KeyboardInterrupt, the default action for the others
+        for other in signals:
+            signal.signal(other, signal.default_int_handler if other == signal.SIGINT else signal.SIG_DFL)
+
+
+def open_run(args: RunArgs, checkpoint: Optional[dict], given: set[str], agent: Agent,
+             optimizer: torch.optim.Optimizer, state: dict):
+    """(run directory, progress to start from, its lock): a new run's, or the resumed run's,
+    restored from the checkpoint and checked. The lock is held while the returned file is open."""
+    if checkpoint is None:
+        try:
+            run_dir = new_run_dir(args)
+        except OSError as e:
+            raise RunError(f"cannot create the run directory ({os_error_reason(e)}): pick another --runs-dir or "
+                           "--exp-name") from None
+        return run_dir, Progress(), lock_run_dir(run_dir)
+    run_dir = os.path.dirname(os.path.abspath(args.resume))
+    restore(agent, optimizer, state, checkpoint)
+    # An explicit --target-return is a new target; else one reached before ends the run.
+    reached = None if "target_return" in given else checkpoint.get("target_reached")
+    start = Progress(checkpoint["global_step"], checkpoint["iteration"], checkpoint["best_eval"],
+                     tuple(reached) if reached else None)
+    if error := check_resume(checkpoint, args, args.resume, start):
+        raise RunError(error)
+    lock = lock_run_dir(run_dir)
+    remove_stale_temp_files(run_dir)  # left by a process killed while writing
+    return run_dir, start, lock
 
 
 def run(cli: RunArgs, argv: list[str]) -> int:
@@ -1247,52 +1523,49 @@ def run(cli: RunArgs, argv: list[str]) -> int:
     if args.eval_checkpoint:
         return evaluate_checkpoint(args, checkpoint, given, cli.capture_video)
     (agent, optimizer), state = make_agent_and_optimizer(args), training_state(args)
-    start = Progress()
+    run_dir, start, lock = open_run(args, checkpoint, given, agent, optimizer, state)  # noqa: F841 (lock: held)
+    if final_step(args, start.global_step) <= start.global_step or start.target_reached:
+        print(f"{run_dir} is trained to step {start.global_step:,}; its final evaluation is missing: running it")
+        return finish_or_resume(args, run_dir, agent, Harness(args, run_dir, agent, optimizer, start))
     if checkpoint is not None:
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-        restore(agent, optimizer, state, checkpoint)
-        if error := check_resume(checkpoint, args, args.resume):
-            raise RunError(error)
-        start = Progress(checkpoint["global_step"], checkpoint["iteration"], checkpoint["best_eval"])
         print(f"resuming {run_dir} at step {start.global_step:,}")
-    else:
-        try:
-            run_dir = new_run_dir(args)
-        except OSError as e:
-            raise RunError(f"cannot create the run directory ({e}): pick another --runs-dir or --exp-name") from None
     print(f"{SCRIPT}: {args.env_id}, {args.batch_size}-step batches ({args.num_envs} envs x {args.num_steps} "
           f"steps) to step {final_step(args, start.global_step):,}, minibatch {args.minibatch_size}, run dir {run_dir}")
     step_fn = choose_gradient_step(args, agent, optimizer, forced="compile" in given)
     if step_fn is not gradient_step:
         print("compiling the gradient step (torch.compile): the first iteration takes up to ~20 s longer on a "
               "machine's first run, a few seconds once Inductor's cache holds the code (--no-compile: eager)")
-    writer = make_writer(args, run_dir, start.global_step)
-    harness = Harness(args, run_dir, agent, optimizer, start, writer, step_fn is not gradient_step, state)
+    harness = Harness(args, run_dir, agent, optimizer, start, None, step_fn is not gradient_step, state)
     signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     for signum in signals:
         signal.signal(signum, harness)
-    envs = make_training_envs(args, run_dir, start.global_step)
+    envs = None
     try:
+        harness.writer = make_writer(args, run_dir, start.global_step)
+        envs = make_training_envs(args, run_dir, start.global_step)
         train(args, agent, optimizer, envs, start.global_step, step_fn, harness.after_iteration, **state)
+        envs.close()  # the last video, then TensorBoard's last events, reach the disk here
+        harness.writer.close()
     except Diverged as e:
         raise RunError(f"training diverged in the iteration after step {harness.progress.global_step:,} ({e}); nothing "
                        f"was saved after it: {harness.last_checkpoint()}. Try a lower --learning-rate than "
                        f"{args.learning_rate}", code=1) from None
     except OSError as e:  # TensorBoard or video files
-        raise RunError(f"cannot write in {run_dir} ({e.strerror or e}): training stopped; "
+        raise RunError(f"cannot write in {run_dir} ({os_error_reason(e)}): training stopped; "
                        f"{harness.last_checkpoint()}", code=1) from None
     finally:
-        envs.close()
-        writer.close()
+        for opened in (envs, harness.writer):  # after an error; a second close does nothing
+            try:
+                if opened is not None:
+                    opened.close()
+            except OSError:
+                pass  # the error being raised says it already
     progress = harness.progress
     if harness.signum:
         print(f"stopped at step {progress.global_step:,}; checkpoint saved. Resume with:\n"
               f"  python {SCRIPT}.py --resume {os.path.join(run_dir, 'checkpoint.pt')}", file=sys.stderr)
         return 128 + harness.signum
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C now stops the evaluation
-    for signum in signals[1:]:
-        signal.signal(signum, signal.SIG_DFL)
-    return finish(args, run_dir, agent, harness)
+    return finish_or_resume(args, run_dir, agent, harness)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -1311,6 +1584,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.stdout, sys.stderr = QuietStream(sys.stdout), QuietStream(sys.stderr)
+    threading.excepthook = quiet_thread_errors  # a write error in a thread is said once, by the main thread
+    signal.signal(signal.SIGINT, quit_at_once)  # until training (or the final evaluation) takes Ctrl-C over
+    # After a video write failed (said in one line), the recorder repeats it when the process exits.
+    warnings.filterwarnings("ignore", message=".*Unable to save last video")
     try:
         sys.exit(main())
     except KeyboardInterrupt:  # Ctrl-C outside training (start-up, evaluation): nothing left to save

@@ -21,15 +21,19 @@ seeds, evaluation interval) comes from benchmark/envs.py. Writes, under --out, p
   STEM.png   evaluation return against env steps: median and min-max band over seeds, one line
              per configuration, the threshold drawn
   STEM.json  every run's figures and curve, for every configuration ever run on that env. A later
-             call reuses the runs found there with the same configuration name, flags, seed, steps
-             and evaluation interval, so adding a configuration or an env does not repeat the
-             others (--fresh to rerun this call's); redefining a configuration's name replaces it.
+             call reuses the runs found there with the same configuration name, flags, seed, steps,
+             evaluation interval and code (a hash of the script's source and defaults: runs of other
+             code are rerun), so adding a configuration or an env does not repeat the others
+             (--fresh to rerun this call's); redefining a configuration's name replaces it. Each run
+             records its date, the code's hash and how many runs were in flight beside it; a table
+             shows only what its runs recorded.
 and with --envs, other_environments.md: one row per env of envs.py that has its runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -55,6 +59,18 @@ def batch_size(script: str, flags: list[str]) -> int:
 
     module = __import__(script)
     return tyro.cli(module.RunArgs, args=flags).batch_size
+
+
+def code_version(script: str) -> str:
+    """A short hash of the script's source and its defaults: a saved run is reused only for the code that made it."""
+    sys.path.insert(0, ROOT)
+    from dataclasses import asdict
+
+    module = __import__(script)
+    with open(os.path.join(ROOT, f"{script}.py"), "rb") as f:
+        source = f.read()
+    defaults = json.dumps(asdict(getattr(module, "RunArgs", module.Args)()), sort_keys=True, default=str).encode()
+    return hashlib.sha256(source + b"\0" + defaults).hexdigest()[:12]
 
 
 def threshold(env_id: str) -> float:
@@ -90,12 +106,12 @@ def strip_periodic(flags: list[str]) -> list[str]:
 
 
 def run_one(script: str, config: str, flags: list[str], seed: int, total: int, eval_every: int, runs_dir: str,
-            jobs: int) -> dict:
+            jobs: int, code: str) -> dict:
     cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags, "--seed", str(seed), "--total-timesteps",
            str(total), "--eval-every", str(eval_every), "--runs-dir", runs_dir, "--exp-name", config,
            "--print-every", "60"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    start = time.perf_counter()
+    started, start = time.time(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
@@ -107,7 +123,15 @@ def run_one(script: str, config: str, flags: list[str], seed: int, total: int, e
     print(f"{config} seed {seed}: {final['mean']:.1f} +/- {final['std']:.1f} in {wall:.0f} s", flush=True)
     return {"config": config, "flags": flags, "seed": seed, "total_timesteps": total, "eval_every": eval_every,
             "final": final, "curve": curve, "wall": wall, "sps": final["global_step"] / wall,
-            "date": time.strftime("%Y-%m-%d"), "jobs": jobs, "command": shlex.join(["python", f"{script}.py", *cmd[2:]])}
+            "date": time.strftime("%Y-%m-%d"), "jobs": jobs, "code": code, "started": started, "ended": time.time(),
+            "command": shlex.join(["python", f"{script}.py", *cmd[2:]])}
+
+
+def record_overlap(runs: list[dict]) -> None:
+    """Each run's "at_once": the most runs of this call in flight at one moment during it (itself included)."""
+    for r in runs:
+        points = [s["started"] for s in runs if r["started"] <= s["started"] < r["ended"]] + [r["started"]]
+        r["at_once"] = max(sum(s["started"] <= p < s["ended"] for s in runs) for p in points)
 
 
 def eval_curve(run_dir: str) -> list[tuple[int, float]]:
@@ -142,12 +166,9 @@ def write_report(script: str, env_id: str, results: list[dict], opts) -> str:
         flags, total = rows[0]["flags"], rows[0]["total_timesteps"]
         finals = [r["final"]["mean"] for r in rows]
         reached = [first_reached(r["curve"], level) for r in rows]
-        dates = sorted({r.get("date", "2026-11-23") for r in rows})  # runs saved before issue 10: 2026-11-23,
-        at_once = sorted({r.get("jobs", 2) for r in rows})               # two at a time
-
         readme = " (the README's command)" if ENVS.get(env_id, {}).get("config") == name else ""
         lines += [f"## {name}{readme}", "", f"`{user_command(script, flags, total)}` plus `--seed N`; "
-                  f"measured {', '.join(dates)}, {' or '.join(map(str, at_once))} run(s) at a time.", "",
+                  f"{recorded(rows)}", "",
                   f"| seed | final evaluation | first step with evaluation >= {level:g} | wall time | steps/s |",
                   "|---:|---:|---:|---:|---:|"]
         for r, s in zip(rows, reached):
@@ -158,6 +179,24 @@ def write_report(script: str, env_id: str, results: list[dict], opts) -> str:
                   f"{len(rows)}" + (f" ({sum(s is not None and s <= total // 2 for s in reached)} by "
                                     f"{total // 2:,} steps)." if len(rows) else "."), ""]
     return "\n".join(lines)
+
+
+def recorded(rows: list[dict]) -> str:
+    """When, how many at a time and with which code the runs were made: what they recorded, nothing filled in."""
+    def listed(key: str) -> str:
+        values = sorted({str(r[key]) for r in rows if r.get(key) is not None})
+        missing = sum(r.get(key) is None for r in rows)
+        text = ", ".join(values) or "not recorded"
+        return text + (f" ({missing} of {len(rows)} runs did not record it)" if values and missing else "")
+
+    at_once = listed("at_once") if any(r.get("at_once") for r in rows) else None
+    limit = listed("jobs") if any(r.get("jobs") for r in rows) else None
+    concurrency = (f"runs in flight at once {at_once}" if at_once else
+                   f"at most {limit} runs at a time (the --jobs limit; the actual number was not recorded)"
+                   if limit else "runs at a time: not recorded")
+    date = f"measured {listed('date')}" if any(r.get("date") for r in rows) else "date not recorded"
+    code = f"code {listed('code')}" if any(r.get("code") for r in rows) else "code version not recorded"
+    return f"{date}; {concurrency}; {code}."
 
 
 def plot(script: str, env_id: str, results: list[dict], path: str) -> None:
@@ -235,19 +274,21 @@ def run_configs(script: str, env_id: str, configs: dict, seeds: list[int], total
     env_flags = [] if env_id == DEFAULT_ENV[script] else ["--env-id", env_id]
     jobs, keep = [], []
     at_once = max(1, min(opts.jobs, os.cpu_count()))
+    code = code_version(script)
     for name, flags in configs.items():
         flags = [*env_flags, *flags, "--periodic-eval-episodes", str(opts.periodic_eval_episodes)]
         every = max(1, round(opts.eval_every_steps / batch_size(script, flags)))
         for seed in seeds:
             old = [r for r in saved if (r["config"], r.get("flags"), r["seed"], r.get("total_timesteps"),
-                                        r.get("eval_every")) == (name, flags, seed, total, every)]
+                                        r.get("eval_every"), r.get("code")) == (name, flags, seed, total, every, code)]
             if old and not opts.fresh:
                 print(f"{env_id} {name} seed {seed}: reusing the saved run ({old[0]['final']['mean']:.1f})", flush=True)
                 keep.append(old[0])
             else:
-                jobs.append((script, name, flags, seed, total, every, opts.runs_dir, at_once))
+                jobs.append((script, name, flags, seed, total, every, opts.runs_dir, at_once, code))
     with ThreadPoolExecutor(max_workers=at_once) as pool:
         new = list(pool.map(lambda job: run_one(*job), jobs))
+    record_overlap(new)
     # A configuration named in this call keeps only its runs of this call; the others stay as saved.
     order = list(dict.fromkeys([r["config"] for r in saved] + list(configs)))
     results = [r for r in saved if r["config"] not in configs] + keep + new

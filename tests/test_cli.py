@@ -185,8 +185,8 @@ def test_a_new_run_never_writes_into_an_existing_run_dir(script, tmp_path, monke
     monkeypatch.setattr(script.time, "strftime", lambda fmt: "20260101-000000")
     run_dir = train_tiny(script, tmp_path)
     before = {f: (run_dir / f).stat().st_mtime_ns for f in os.listdir(run_dir)}
-    assert run_main(script, tiny(script), tmp_path) == 2
-    assert "pick another --runs-dir or --exp-name" in capsys.readouterr().err
+    assert run_main(script, tiny(script), tmp_path) == 0  # the same flags in the same second: a run of its own
+    assert sorted(os.listdir(tmp_path / "runs")) == [run_dir.name, run_dir.name + "-2"]
     assert {f: (run_dir / f).stat().st_mtime_ns for f in os.listdir(run_dir)} == before
 
 
