@@ -35,16 +35,20 @@ Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE" (arXiv:150
 Huang et al. 2022, "The 37 Implementation Details of PPO" (ICLR blog track), cited as [37-n].
 """
 
-import errno
+import os
+import signal
+
+if __name__ == "__main__":  # Ctrl-C during the imports below exits at once: raised as KeyboardInterrupt
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # it could land in native code
+
+import errno  # noqa: E402 (the imports after the handler)
 import importlib.util
 import io
 import json
 import math
-import os
 import random
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -56,8 +60,6 @@ from collections import deque
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional
 
-if __name__ == "__main__":  # Ctrl-C during these imports exits at once: raised as KeyboardInterrupt
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # it could land in native code
 try:  # these take a second or two: Ctrl-C meanwhile exits quietly, like Ctrl-C anywhere else
     import gymnasium as gym
     import numpy as np
