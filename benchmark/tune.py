@@ -2,15 +2,14 @@
 
     python benchmark/tune.py ppo_discrete --env-id CartPole-v1 --trials 20 --total-timesteps 100000
     python benchmark/tune.py ppo_discrete --trials 40 --seeds 3 --objective worst --score mean-std \\
-        --total-timesteps 400000 --also-no-compile --space gamma=0.99,0.995,0.999
+        --also-no-compile --total-timesteps 400000 --space gamma=0.99,0.995,0.999
     python benchmark/tune.py ppo_discrete --env-id CartPole-v1 --trials 0   # the summary only
 
-A trial runs the script unchanged, as a subprocess (OMP_NUM_THREADS=1), once per seed, and reads
-its periodic evaluations (--eval-every) as they come: Optuna's pruner stops a trial that falls
-below the median. Optuna does the rest: its storages (a journal file by default, or an RDB URL for
-many machines), TPE, the median pruner, study.optimize with its heartbeat, fail_stale_trials and
-RetryHeartbeatStaleTrialCallback for dead workers, MaxTrialsCallback for the budget, the
-trials_dataframe and the matplotlib plots. See benchmark/TUNING.md for what this file adds.
+A trial runs the script unchanged as a subprocess, once per seed, and reads its periodic
+evaluations (--eval-every) as they come, for Optuna's pruner. Optuna does the rest: its storages
+(a journal file, or an RDB URL for many machines), TPE, the median pruner, study.optimize with its
+heartbeat, fail_stale_trials and RetryHeartbeatStaleTrialCallback, MaxTrialsCallback, the
+trials_dataframe and the plots. benchmark/TUNING.md says what this file adds.
 """
 
 from __future__ import annotations
@@ -26,9 +25,9 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,12 +41,13 @@ try:
 except ImportError:  # main() says what to install
     optuna = None
 
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED) if optuna else ()
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# 1. The search space: a name is a field of the script's Args (or minibatch_size, which becomes
-#    --num-minibatches). SPEC: "log:LOW:HIGH", "float:LOW:HIGH", "int:LOW:HIGH", "A,B,C" (a choice)
-#    or one value (fixed). Override an entry with --space NAME=SPEC.
+# The search space: a name is a field of the script's Args (or minibatch_size, which becomes
+# --num-minibatches). SPEC: "log:LOW:HIGH", "float:LOW:HIGH", "int:LOW:HIGH", "A,B,C" (a choice)
+# or one value (fixed). --space NAME=SPEC overrides an entry or adds one.
 SPACE = {
     "learning_rate": "log:5e-5:3e-3",
     "num_envs": "4,8,16,32",
@@ -61,12 +61,13 @@ SPACE = {
     "hidden_size": "32,64,128,256",
 }
 RESERVED = {"seed", "eval_every", "periodic_eval_episodes", "runs_dir", "exp_name", "print_every",
-            "resume", "eval_checkpoint"}  # set by the tuner on every trial, or not for a trial
+            "resume", "eval_checkpoint"}  # set by the tuner on every trial, or meaningless in one
 EVAL_LINE = re.compile(r"eval at step ([\d,]+): (\S+) \+/- (\S+) over \d+ episodes")
-# Started through this, a trial gets SIGTERM (and saves, and exits) when the tuner dies, even by
-# SIGKILL: Linux's PR_SET_PDEATHSIG, kept across exec; elsewhere the script just runs.
+# A trial starts through this: it gets SIGTERM (saves, exits) when the tuner dies, even by SIGKILL
+# (Linux's PR_SET_PDEATHSIG, kept across exec); elsewhere the script just runs.
 LAUNCH = ("import ctypes, os, sys\ntry: ctypes.CDLL(None).prctl(1, 15)\nexcept (AttributeError, OSError): pass\n"
           "if os.getppid() != int(sys.argv[1]): sys.exit(143)\nos.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+Pruned, Failed, Interrupted = (type(name, (Exception,), {}) for name in ("Pruned", "Failed", "Interrupted"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,7 @@ def parse_spec(name: str, spec: str):
         try:
             low, high = (int(x) if kind == "int" else float(x) for x in rest.split(":"))
         except ValueError:
-            raise ValueError(f"--space {name}={spec}: expected {kind}:LOW:HIGH with two numbers") from None
+            raise ValueError(f"--space {name}={spec}: expected {kind}:LOW:HIGH") from None
         if not low < high or (kind == "log" and low <= 0) or not math.isfinite(high - low):
             raise ValueError(f"--space {name}={spec}: need finite LOW < HIGH (and LOW > 0 for log)")
         return Param(kind, low, high)
@@ -118,59 +119,49 @@ def param_flags(params: dict, base) -> list[str]:
     return flags
 
 
-class Pruned(Exception):
-    pass
-
-
-class Failed(Exception):
-    pass
-
-
-class Interrupted(Exception):
-    pass
-
-
-# 2. The storages: Optuna's, with the two things the journal file lacks in Optuna 5.0
+# ---- The storages: Optuna's, with what its journal file lacks in Optuna 5.0 ---------------------
 def journal_storage(path: str, heartbeat: int, grace: int, retry):
-    """Optuna's JournalStorage on Optuna's JournalFileBackend, plus Optuna's heartbeat interface
-    (RDB-only in 5.0, optuna/optuna#6615), so that study.optimize beats and fails stale trials here too."""
+    """Optuna's JournalStorage on its JournalFileBackend, given Optuna's heartbeat interface (RDB-only in
+    5.0, optuna/optuna#6615) so that study.optimize beats and fail_stale_trials works on it too."""
     from optuna.storages._heartbeat import BaseHeartbeat
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
     class Backend(JournalFileBackend):
-        """An append that fails (a full disk) is cut back, and a cut last line (a writer killed
-        mid-line), which reading skips, is dropped before the next append: one bad write never
-        glues onto a good line and makes the rest of the file unreadable."""
+        """A failed append (a full disk) is cut back, and a cut last line (a writer killed mid-line),
+        which reading skips, is dropped before the next append: a bad write never glues onto a good
+        line, which would make every later line unreadable."""
 
         def append_logs(self, logs):
             text = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode()
             self._lock.acquire()
             try:
-                with open(self._file_path, "r+b") as f:
-                    keep = end = f.seek(0, os.SEEK_END)
-                    while keep and not (f.seek(keep - 1) or f.read(1) == b"\n"):
-                        keep -= 1  # back to the end of the last whole line (a cut one is short)
-                    try:
-                        f.truncate(keep) if keep < end else None
-                        f.seek(keep)
-                        f.write(text)
-                        f.flush()
-                        os.fsync(f.fileno())
-                    except OSError:
-                        f.truncate(keep)
-                        raise
+                fd = os.open(self._file_path, os.O_RDWR)
+                end = os.lseek(fd, 0, os.SEEK_END)
+                while end and os.pread(fd, 1, end - 1) != b"\n":
+                    end -= 1
+                try:
+                    os.ftruncate(fd, end)
+                    done = 0
+                    while done < len(text):
+                        done += os.pwrite(fd, text[done:], end + done)
+                    os.fsync(fd)
+                except OSError:
+                    os.ftruncate(fd, end)
+                    raise
+                finally:
+                    os.close(fd)
             finally:
                 self._lock.release()
 
     class Storage(JournalStorage, BaseHeartbeat):
-        def record_heartbeat(self, trial_id: int) -> None:
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, OSError):  # ended meanwhile; a full disk shows elsewhere
+        def record_heartbeat(self, trial_id: int) -> None:  # a finished trial, a full disk: shown elsewhere
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, OSError):
                 self.set_trial_system_attr(trial_id, "heartbeat", time.time())
 
         def _get_stale_trial_ids(self, study_id: int) -> list[int]:
             now = time.time()
             return [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-                    if now - (t.system_attrs.get("heartbeat") or t.datetime_start.timestamp()) > grace]
+                    if now - max(t.system_attrs.get("heartbeat", 0), t.datetime_start.timestamp()) > grace]
 
         def get_heartbeat_interval(self) -> int:
             return heartbeat
@@ -182,8 +173,8 @@ def journal_storage(path: str, heartbeat: int, grace: int, retry):
 
 
 def rdb_storage(url: str, heartbeat: int, grace: int, retry, create: bool = True):
-    """Optuna's RDBStorage. Workers that start together on a new database race to create its tables
-    (DuplicateTable, or a unique violation; optuna/optuna#1092): the losers try again, and find them."""
+    """Optuna's RDBStorage. Workers started together on a new database race to create its tables
+    (DuplicateTable, or a unique violation; optuna/optuna#1092): the losers try again and find them."""
     import sqlalchemy.exc
 
     for attempt in range(20):
@@ -194,32 +185,34 @@ def rdb_storage(url: str, heartbeat: int, grace: int, retry, create: bool = True
             if attempt == 19 or not create:
                 raise
             time.sleep(0.1 + 0.4 * random.random())
+        except ValueError as e:  # a port that is not a number, ...
+            raise ValueError(f"--storage: not a database URL ({e})") from None
 
 
-# 3. The trials: one run of the script read line by line, the objective over the runs
+# ---- The trials -------------------------------------------------------------------------------
 class Tuner:
     def __init__(self, cfg, study):
         self.cfg, self.study = cfg, study
         self.stop = threading.Event()  # Ctrl-C or SIGTERM: end the running trials
         self.lock = threading.Lock()
         self.procs: set = set()
-        self.failures, self.taken_over = 0, None
+        self.failures, self.taken_over, self.write_error = 0, None, None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
-    def command(self, flags: list[str], trial_number: int) -> list[str]:
+    def command(self, flags: list[str], number: int) -> list[str]:
         cfg = self.cfg
-        return [os.path.join(ROOT, f"{cfg.script}.py"), *flags, "--eval-every", str(cfg.eval_every_iters(flags)),
-                "--periodic-eval-episodes", str(cfg.periodic_eval_episodes), "--runs-dir",
-                os.path.join(cfg.study_dir, "runs"), "--exp-name", f"trial{trial_number}", "--print-every", "60"]
+        every = max(1, round(cfg.eval_every_steps / script_args(cfg.module, flags).batch_size))
+        return [os.path.join(ROOT, f"{cfg.script}.py"), *flags, "--eval-every", str(every), "--periodic-eval-episodes",
+                str(cfg.periodic_eval_episodes), "--runs-dir", os.path.join(cfg.study_dir, "runs"),
+                "--exp-name", f"trial{number}", "--print-every", "60"]
 
-    def run_once(self, trial, flags: list[str], extra: tuple, index: int) -> dict:
-        """One run of the script (one seed, compiled or not); reports its evaluations, stops it on
-        pruning, on reaching the target (steps/time objectives) or on Ctrl-C."""
-        cfg = self.cfg
-        cmd = self.command(flags + list(extra), trial.number)
+    def run_once(self, trial, flags: list[str], extra: tuple, index: int, reported: set) -> dict:
+        """One run of the script (a seed, compiled or not); reports its periodic scores, stops it
+        (SIGTERM: it saves and exits) when the pruner says so or on Ctrl-C."""
+        cfg, cmd = self.cfg, self.command(flags + list(extra), trial.number)
         log_path = os.path.join(cfg.study_dir, "logs", f"trial{trial.number:04d}_run{index}.log")
-        best = solved = solved_s = stopped_for = run_dir = None
-        tail, reported, last_step, start = [], set(), 0, time.perf_counter()
+        best = solved = pruned = run_dir = None
+        tail, start = [], time.perf_counter()
         with self.lock:
             if self.stop.is_set():
                 raise Interrupted()
@@ -233,23 +226,22 @@ class Tuner:
                 for line in proc.stdout:
                     log.write(line)
                     tail = (tail + [line.rstrip()])[-5:]
-                    if line.startswith("run dir: "):
-                        run_dir = line[len("run dir: "):].strip()
-                    if not (match := EVAL_LINE.match(line)) or stopped_for:
+                    run_dir = line[9:].strip() if line.startswith("run dir: ") else run_dir
+                    if not (match := EVAL_LINE.match(line)) or pruned:
                         continue
-                    last_step = int(match[1].replace(",", ""))
+                    step = int(match[1].replace(",", ""))
                     score = float(match[2]) - (float(match[3]) if cfg.score == "mean-std" else 0.0)
                     best = score if best is None or score > best else best
-                    if cfg.target is not None and score >= cfg.target and solved is None:
-                        solved, solved_s = last_step, time.perf_counter() - start
-                        stopped_for = "target" if cfg.objective in ("steps", "time") else None
-                    grid = index * cfg.total_timesteps + round(last_step / cfg.eval_every_steps) * cfg.eval_every_steps
-                    if grid not in reported and math.isfinite(score):  # one axis for every run of a trial
+                    solved = step if solved is None and cfg.target is not None and score >= cfg.target else solved
+                    # One axis for the runs of a trial (run k from k x total), on the --eval-every-steps
+                    # grid, so that the pruner compares trials with other batch sizes at the same steps.
+                    grid = index * cfg.total_timesteps + round(step / cfg.eval_every_steps) * cfg.eval_every_steps
+                    if math.isfinite(score) and grid not in reported:
                         reported.add(grid)
-                        trial.report(score if cfg.maximize else -score, grid)
-                        stopped_for = stopped_for or ("prune" if trial.should_prune() else None)
-                    if stopped_for:
-                        proc.send_signal(signal.SIGTERM)  # the script saves and exits 143
+                        trial.report(score, grid)
+                        if trial.should_prune():
+                            pruned = f"pruned at step {step:,} of run {index} ({best:.1f} at best)"
+                            proc.send_signal(signal.SIGTERM)
             code = proc.wait()
         finally:
             if proc.poll() is None:
@@ -258,54 +250,43 @@ class Tuner:
             proc.stdout.close()
             with self.lock:
                 self.procs.discard(proc)
-        wall = time.perf_counter() - start
-        if stopped_for == "prune":
-            raise Pruned(f"pruned at step {last_step:,} of run {index} ({best:.1f} at best)")
+        if pruned:
+            raise Pruned(pruned)
         # Ended by a signal (Ctrl-C reaches the script too): the handler may set `stop` a moment later.
         signalled = code < 0 or code in (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP)
-        if stopped_for is None and code != 0 and self.stop.wait(2.0 if signalled else 0.0):
+        if code != 0 and self.stop.wait(2.0 if signalled else 0.0):
             raise Interrupted()
-        run = {"label": " ".join(extra), "best": best, "solved_step": solved,
-               "solved_seconds": solved_s, "wall": wall, "final": None, "std": None}
-        if stopped_for == "target":
-            return {**run, "value": float(solved if cfg.objective == "steps" else solved_s), "steps": last_step}
         if code == 1 and any("diverged" in line for line in tail):
             raise Pruned(f"diverged (run {index}): {tail[-1]}")
         if code != 0 or run_dir is None:
             raise Failed(f"run {index} exited with code {code}: {tail[-1] if tail else 'no output'} (log: {log_path})")
         with open(os.path.join(run_dir, "evaluation.json")) as f:
             evaluation = json.load(f)
-        if evaluation["mean"] is None:
+        if evaluation["mean"] is None or evaluation["std"] is None:
             raise Failed(f"run {index}: the final evaluation is not finite")
-        score = evaluation["mean"] - (evaluation["std"] if cfg.score == "mean-std" else 0.0)
-        run.update(final=evaluation["mean"], std=evaluation["std"], steps=evaluation["global_step"])
-        if cfg.maximize:
-            return {**run, "value": score}
-        penalty = 1 + max(0.0, cfg.target - max(best if best is not None else score, score)) / max(abs(cfg.target), 1.0)
-        return {**run, "value": (run["steps"] if cfg.objective == "steps" else wall) * penalty}  # short of the target
+        return {"label": " ".join(extra), "final": evaluation["mean"],
+                "std": evaluation["std"], "solved_step": solved, "wall": time.perf_counter() - start,
+                "value": evaluation["mean"] - (evaluation["std"] if cfg.score == "mean-std" else 0.0)}
 
     def run_trial(self, trial) -> float:
-        cfg = self.cfg
-        params = {}
+        cfg, params = self.cfg, {}
         for name, p in cfg.space.items():
-            if p.kind == "choice":
-                params[name] = trial.suggest_categorical(name, list(p.choices))
-            else:
-                params[name] = (trial.suggest_int(name, p.low, p.high) if p.kind == "int" else
-                                trial.suggest_float(name, p.low, p.high, log=p.kind == "log"))
+            params[name] = (trial.suggest_categorical(name, list(p.choices)) if p.kind == "choice" else
+                            trial.suggest_int(name, p.low, p.high) if p.kind == "int" else
+                            trial.suggest_float(name, p.low, p.high, log=p.kind == "log"))
         flags = cfg.fixed_flags + param_flags(params, cfg.base)
         trial.set_user_attr("worker", self.worker)
         trial.set_user_attr("command", shlex.join(["python", f"{cfg.script}.py", *flags, *cfg.runs[0]]))
         print(f"trial {trial.number} started: {' '.join(param_flags(params, cfg.base))}", flush=True)
-        runs = []
+        runs, reported = [], set()
         for index, extra in enumerate(cfg.runs):
-            runs.append(self.run_once(trial, flags, extra, index))
+            runs.append(self.run_once(trial, flags, extra, index, reported))
             trial.set_user_attr("runs", runs)
         values = [r["value"] for r in runs]
-        trial.set_user_attr("worst", min(values) if cfg.maximize else max(values))
+        trial.set_user_attr("worst", min(values))
         if self.study.get_trials(deepcopy=False)[trial.number].state.is_finished():
             raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was finished elsewhere")
-        return min(values) if cfg.objective == "worst" else statistics.mean(values)
+        return min(values) if cfg.objective == "worst" else sum(values) / len(values)
 
     def objective(self, trial) -> float:
         """run_trial, with the reason of a pruned or failed trial kept in its user attributes."""
@@ -319,12 +300,16 @@ class Tuner:
             trial.set_user_attr("reason", str(e))
             raise optuna.TrialPruned(str(e)) from None
         except Exception as e:
-            trial.set_user_attr("reason", "interrupted" if isinstance(e, Interrupted) else
-                                str(e) if isinstance(e, Failed) else f"{type(e).__name__}: {e}")
+            try:
+                trial.set_user_attr("reason", "interrupted" if isinstance(e, Interrupted) else
+                                    str(e) if isinstance(e, Failed) else f"{type(e).__name__}: {e}")
+            except OSError as error:  # the storage cannot be written: stop here (Optuna cannot tell either)
+                self.write_error = error
+                self.study.stop()
             raise
 
     def after_trial(self, study, trial) -> None:
-        """Optuna's callback: say how the trial ended; stop on Ctrl-C, on --max-failures or on the budget."""
+        """Optuna's callback: say how the trial ended; stop on Ctrl-C, --max-failures or the budget."""
         reason = trial.user_attrs.get("reason", "")
         if trial.state == TrialState.COMPLETE:
             print(f"trial {trial.number} complete: {trial.value:,.1f} (worst run {trial.user_attrs['worst']:,.1f}) "
@@ -334,29 +319,28 @@ class Tuner:
             print(f"trial {trial.number} {trial.state.name.lower()}: {reason}", flush=True)
         if self.stop.is_set() or self.failures >= self.cfg.max_failures:
             study.stop()
-        else:  # finished and running trials: a worker never starts one more than the budget needs
-            optuna.study.MaxTrialsCallback(self.cfg.trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))(study, trial)
+        else:  # finished and running trials: a worker does not start one the budget does not need
+            optuna.study.MaxTrialsCallback(self.cfg.trials, states=(*FINISHED, TrialState.RUNNING))(study, trial)
 
     def run(self) -> None:
-        """study.optimize until the study holds --trials finished trials. When the budget is all
-        finished or running, wait for the running ones: they finish, or turn stale and are retried."""
+        """study.optimize until the study holds --trials finished trials. Once the rest of the budget
+        is running elsewhere, wait for it: those trials finish, or turn stale and are retried here."""
         said = False
-        while not self.stop.is_set() and self.failures < self.cfg.max_failures and self.taken_over is None:
+        while not self.stop.is_set() and self.failures < self.cfg.max_failures and self.taken_over is None and self.write_error is None:
             optuna.storages.fail_stale_trials(self.study)
-            trials = self.study.get_trials(deepcopy=False)
-            finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-            room = self.cfg.trials - finished - sum(t.state == TrialState.RUNNING for t in trials)
+            states = [t.state for t in self.study.get_trials(deepcopy=False)]
+            finished = sum(s in FINISHED for s in states)
             if finished >= self.cfg.trials:
                 return
-            if room > 0:
+            if (room := self.cfg.trials - finished - states.count(TrialState.RUNNING)) > 0:
                 self.study.optimize(self.objective, n_jobs=min(self.cfg.workers, room), catch=(Exception,),
                                     callbacks=[self.after_trial])
-            else:
-                if not said:
-                    print(f"waiting for the {self.cfg.trials - finished} trial(s) running elsewhere: they finish, "
-                          f"or are failed after --stale-after {self.cfg.stale_after} s", flush=True)
-                said = True
-                self.stop.wait(self.cfg.heartbeat)
+                continue
+            if not said:
+                print(f"waiting for the {self.cfg.trials - finished} trial(s) running elsewhere: they finish, or "
+                      f"are failed after --stale-after {self.cfg.stale_after} s", flush=True)
+            said = True
+            self.stop.wait(self.cfg.heartbeat)
 
     def interrupt(self) -> None:
         self.stop.set()
@@ -366,48 +350,46 @@ class Tuner:
                     proc.send_signal(signal.SIGTERM)
 
 
-# 4. The summary: Optuna's trials_dataframe and plots, and the command that reproduces the best
+# ---- The summary: Optuna's trials_dataframe and plots, the command that reproduces the best ----
 def summarize(study, cfg) -> str:
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs"))
     counts = df["state"].value_counts().to_dict() if len(df) else {}
-    lines = [f"# Study {study.study_name}", "", f"Script {cfg.script}.py, fixed flags `{shlex.join(cfg.fixed_flags)}`, "
-             f"runs per trial: {'; '.join(' '.join(r) for r in cfg.runs)}; objective: {cfg.objective} of the runs' "
-             f"{cfg.score}" + (f", target {cfg.target:g}" if cfg.target is not None else "") + ".", "",
-             f"Trials: {len(df)} (" + ", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in
-                                                 ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"))
+    lines = [f"# Study {study.study_name}", "", f"`{cfg.script}.py {shlex.join(cfg.fixed_flags)}`, runs "
+             f"{'; '.join(' '.join(r) for r in cfg.runs)}; objective: the {cfg.objective} over the runs of the final "
+             f"evaluation's {cfg.score}.", "", f"Trials: {len(df)} (" + ", ".join(
+                 f"{counts.get(s, 0)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"))
              + f"). Written {time.strftime('%Y-%m-%d %H:%M')}.", ""]
-    done = df[df["state"] == "COMPLETE"].sort_values("value", ascending=not cfg.maximize) if len(df) else df
+    done = df[df["state"] == "COMPLETE"].sort_values("value", ascending=False) if len(df) else df
     if not len(done):
         return "\n".join(lines + ["No complete trial yet."])
     lines += [f"## The best {min(cfg.top, len(done))} trials", "", "| trial | value | worst run | runs | "
               + " | ".join(cfg.space) + " |", "|---:|---:|---:|---|" + "---:|" * len(cfg.space)]
     for _, row in done.head(cfg.top).iterrows():
-        runs = "; ".join(f"{r['label']}: " + (f"{r['final']:.1f} +/- {r['std']:.1f}" if r["final"] is not None else
-                                               "stopped at the target") + (f", >= target at {r['solved_step']:,}"
-                                                                           if r["solved_step"] is not None else "")
-                         for r in row["user_attrs_runs"])
+        runs = "; ".join(f"{r['label']}: {r['final']:.1f} +/- {r['std']:.1f}" + (
+            f" ({cfg.target:g} at {r['solved_step']:,})" if r["solved_step"] is not None else "")
+            for r in row["user_attrs_runs"])
         values = [row.get(f"params_{n}") for n in cfg.space]
         lines.append(f"| {row['number']} | {row['value']:,.1f} | {row['user_attrs_worst']:,.1f} | {runs} | " + " | ".join(
             "" if v is None or v != v else f"{v:.4g}" if isinstance(v, float) else str(v) for v in values) + " |")
-    best = study.best_trial
-    return "\n".join(lines + ["", f"Best: trial {best.number}, {best.value:,.1f}. Reproduce it:", "", "```",
-                              best.user_attrs["command"], "```", ""])
+    return "\n".join(lines + ["", f"Best: trial {study.best_trial.number}. Reproduce it:", "", "```",
+                              study.best_trial.user_attrs["command"], "```", ""])
 
 
 def write_summary(study, cfg) -> str:
+    """summary.md, trials.csv (the trials_dataframe), best.json, history.png and evaluations.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization.matplotlib import plot_intermediate_values, plot_optimization_history
+
     text = summarize(study, cfg)
-    write_file(os.path.join(cfg.study_dir, "summary.md"), text + "\n")
-    write_file(os.path.join(cfg.study_dir, "trials.csv"), study.trials_dataframe().to_csv(index=False))
+    write_file("summary.md", cfg, text)
+    write_file("trials.csv", cfg, study.trials_dataframe().to_csv(index=False))
     if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         best = study.best_trial
-        write_file(os.path.join(cfg.study_dir, "best.json"), json.dumps(
-            {"trial": best.number, "value": best.value, "params": best.params, **best.user_attrs}, indent=1))
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from optuna.visualization.matplotlib import plot_intermediate_values, plot_optimization_history
-
+        write_file("best.json", cfg, json.dumps({"trial": best.number, "value": best.value, "params": best.params,
+                                                 **best.user_attrs}, indent=1))
         for name, plot in (("history.png", plot_optimization_history), ("evaluations.png", plot_intermediate_values)):
             ax = plot(study)
             if ax.get_legend() is not None and name == "evaluations.png":
@@ -417,20 +399,20 @@ def write_summary(study, cfg) -> str:
     return text
 
 
-def write_file(path: str, text: str) -> None:
+def write_file(name: str, cfg, text: str) -> None:
     """Atomically: several workers may write the summary at once."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=cfg.study_dir, prefix=".tmp-")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(text)
+            f.write(text + "\n")
         os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
+        os.replace(tmp, os.path.join(cfg.study_dir, name))
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
 
 
-# 5. The command line: the configuration, checked before anything is written; the study; Ctrl-C
+# ---- The command line: every check before anything is written; the study; Ctrl-C ---------------
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         print(f"error: {message} (python benchmark/tune.py --help)", file=sys.stderr)
@@ -440,32 +422,30 @@ class Parser(argparse.ArgumentParser):
 def parse_args(argv: list[str]):
     p = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                epilog="Any other flag is the script's, given to every trial (and no longer searched).")
-    p.add_argument("script", choices=["ppo_discrete", "ppo_continuous"])
-    p.add_argument("--trials", type=int, default=20, help="finished (complete + pruned) trials the study should hold")
-    p.add_argument("--workers", type=int, default=1, help="trials at once in this process (one process each)")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per trial (1, 2, ...), run one after the other")
-    p.add_argument("--objective", choices=["final", "worst", "steps", "time"], default="final",
-                   help="final/worst: the mean/worst over the runs of the final evaluation's score (maximized); "
-                   "steps/time: env steps/wall seconds to a periodic score >= --target (minimized)")
-    p.add_argument("--score", choices=["mean", "mean-std"], default="mean",
-                   help="an evaluation's score: its mean return, or mean minus std")
-    p.add_argument("--target", type=float, help="a score to reach (needed by --objective steps/time)")
-    p.add_argument("--also-no-compile", action="store_true", help="run every seed a second time with --no-compile")
-    p.add_argument("--space", action="append", default=[], metavar="NAME=SPEC", help="override an entry of SPACE")
-    p.add_argument("--eval-every-steps", type=int, help="periodic evaluation this often (default: a tenth of the run)")
-    p.add_argument("--periodic-eval-episodes", type=int, default=10)
-    p.add_argument("--pruner", choices=["median", "none"], default="median")
-    p.add_argument("--prune-after", type=float, default=0.2, help="no pruning in this fraction of the first run")
-    p.add_argument("--startup-trials", type=int, default=5, help="random trials before TPE, and before pruning")
-    p.add_argument("--no-defaults-first", action="store_true", help="do not run the script's defaults first")
-    p.add_argument("--sampler-seed", type=int)
-    p.add_argument("--study", help="study name (default: SCRIPT-ENV_ID)")
-    p.add_argument("--study-dir", help="default: benchmark/studies/STUDY")
-    p.add_argument("--storage", help="a journal file (default: STUDY_DIR/journal.log) or an RDB URL (postgresql://...)")
-    p.add_argument("--max-failures", type=int, default=5, help="stop after this many failed trials here")
-    p.add_argument("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
-    p.add_argument("--stale-after", type=int, default=300, help="a running trial silent this long is failed (retried once)")
-    p.add_argument("--top", type=int, default=5, help="trials listed in the summary")
+    add = p.add_argument
+    add("script", choices=["ppo_discrete", "ppo_continuous"])
+    add("--trials", type=int, default=20, help="finished (complete + pruned) trials the study should hold")
+    add("--workers", type=int, default=1, help="trials at once in this process (one process each)")
+    add("--seeds", type=int, default=1, help="seeds per trial (1, 2, ...), run one after the other")
+    add("--objective", choices=["mean", "worst"], default="mean", help="of the runs' scores (maximized)")
+    add("--score", choices=["mean", "mean-std"], default="mean", help="of an evaluation: its mean return, or mean - std")
+    add("--also-no-compile", action="store_true", help="run each seed a second time with --no-compile")
+    add("--target", type=float, help="a score: record the first step each run reaches it")
+    add("--space", action="append", default=[], metavar="NAME=SPEC", help="override an entry of SPACE")
+    add("--eval-every-steps", type=int, help="periodic evaluations this often (default: a tenth of the run)")
+    add("--periodic-eval-episodes", type=int, default=10)
+    add("--pruner", choices=["median", "none"], default="median")
+    add("--prune-after", type=float, default=0.2, help="no pruning in this fraction of the first run")
+    add("--startup-trials", type=int, default=5, help="random trials before TPE, and before pruning")
+    add("--no-defaults-first", action="store_true", help="do not run the script's defaults first")
+    add("--sampler-seed", type=int)
+    add("--study", help="study name (default: SCRIPT-ENV_ID)")
+    add("--study-dir", help="default: benchmark/studies/STUDY")
+    add("--storage", help="a journal file (default: STUDY_DIR/journal.log) or an RDB URL (postgresql://...)")
+    add("--max-failures", type=int, default=5, help="stop after this many failed trials here")
+    add("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
+    add("--stale-after", type=int, default=300, help="a running trial silent this long is failed, and retried once")
+    add("--top", type=int, default=5, help="trials listed in the summary")
     return p.parse_known_args(argv)
 
 
@@ -477,95 +457,89 @@ def script_args(module, flags: list[str]):
         with contextlib.suppress(SystemExit):
             return tyro.cli(module.Args, args=flags)
     names = {f.name for f in dataclasses.fields(module.Args)}
-    unknown = [t for t in flags if t.startswith("--") and t[2:].split("=")[0].replace("-", "_") not in names
-               and t[5:].split("=")[0].replace("-", "_") not in names]
-    script = module.__name__
-    raise ValueError(f"{script}.py has no flag {unknown[0]}" if unknown else
-                     f"{script}.py refuses {shlex.join(flags)} (python {script}.py --help)")
+    unknown = [t for t in flags if t.startswith("--") and not {t[2:].split("=")[0].replace("-", "_"),
+                                                               t[5:].split("=")[0].replace("-", "_")} & names]
+    raise ValueError(f"{module.__name__}.py has no flag {unknown[0]}" if unknown else
+                     f"{module.__name__}.py refuses {shlex.join(flags)} (python {module.__name__}.py --help)")
 
 
-def make_config(opts, flags: list[str]):
-    """opts completed with the fixed flags, the space and the runs; ValueError with what is wrong."""
-    for name in ("trials", "startup_trials", "workers", "seeds", "max_failures", "periodic_eval_episodes", "heartbeat",
-                 "top", "eval_every_steps"):
-        if (value := getattr(opts, name)) is not None and value < (0 if name in ("trials", "startup_trials") else 1):
+def make_config(cfg, flags: list[str]):
+    """The parsed flags completed with the fixed flags, the space and the runs; ValueError if wrong."""
+    for name in ("trials", "startup_trials", "workers", "seeds", "max_failures", "periodic_eval_episodes",
+                 "heartbeat", "top", "eval_every_steps"):
+        if (value := getattr(cfg, name)) is not None and value < (0 if name in ("trials", "startup_trials") else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be {'0 or more' if value < 0 else 'positive'}, got {value}")
-    if opts.stale_after <= opts.heartbeat:
-        raise ValueError(f"--stale-after ({opts.stale_after} s) must be longer than --heartbeat ({opts.heartbeat} s)")
-    if not 0 <= opts.prune_after <= 1:
-        raise ValueError(f"--prune-after must lie in [0, 1], got {opts.prune_after}")
-    if opts.target is not None and not math.isfinite(opts.target):
-        raise ValueError(f"--target must be a finite number, got {opts.target}")
-    if opts.objective in ("steps", "time") and opts.target is None:
-        raise ValueError(f"--objective {opts.objective} needs --target")
+    if cfg.stale_after <= cfg.heartbeat:
+        raise ValueError(f"--stale-after ({cfg.stale_after} s) must be longer than --heartbeat ({cfg.heartbeat} s)")
+    if not 0 <= cfg.prune_after <= 1 or (cfg.target is not None and not math.isfinite(cfg.target)):
+        raise ValueError(f"--prune-after must lie in [0, 1] and --target be finite, got {cfg.prune_after}, {cfg.target}")
     given = {t[2:].split("=")[0].replace("-", "_").removeprefix("no_") for t in flags if t.startswith("--")}
-    if given & RESERVED:
-        raise ValueError(f"--{sorted(given & RESERVED)[0].replace('_', '-')} is set by the tuner for each trial")
-    if opts.also_no_compile and "compile" in given:
-        raise ValueError("--also-no-compile runs the script's default and --no-compile: leave --compile out")
+    if given & (RESERVED | ({"compile"} if cfg.also_no_compile else set())):
+        raise ValueError(f"--{sorted(given & (RESERVED | {'compile'}))[0].replace('_', '-')} is set by the tuner")
     sys.path.insert(0, ROOT)
-    module = importlib.import_module(opts.script)
+    cfg.module = module = importlib.import_module(cfg.script)
     base = script_args(module, flags)
     fields = {f.name for f in dataclasses.fields(module.Args)} | {"minibatch_size"}
     specs = dict(SPACE)
-    for item in opts.space:
+    for item in cfg.space:
         name, sep, spec = item.partition("=")
         if not sep or name not in fields or name in RESERVED:
-            raise ValueError(f"--space {item}: expected NAME=SPEC with NAME a hyperparameter of {opts.script}.py")
+            raise ValueError(f"--space {item}: expected NAME=SPEC with NAME a hyperparameter of {cfg.script}.py")
         specs[name] = spec
-    opts.space, opts.fixed_flags = {}, list(flags)
+    cfg.space, cfg.fixed_flags = {}, list(flags)
     for name, spec in specs.items():
         value = parse_spec(name, spec)
         if name in given or (name == "minibatch_size" and "num_minibatches" in given):
             continue  # a flag given to the script wins over the search
         if isinstance(value, Param):
-            opts.space[name] = value
+            cfg.space[name] = value
         else:
-            opts.fixed_flags += param_flags({name: value}, base)
-    opts.base = base = script_args(module, opts.fixed_flags)
+            cfg.fixed_flags += param_flags({name: value}, base)
+    cfg.base = base = script_args(module, cfg.fixed_flags)
     if error := module.check_args(base) or module.check_env(base.env_id):
-        raise ValueError(f"{opts.script}.py: {error}")
-    for name, p in opts.space.items():  # the ends of each range, and a value between, as the script takes them
-        for value in p.choices or (p.low, p.high, p.low + (p.high - p.low) / 3 if p.kind != "int" else p.low):
-            if error := module.check_args(script_args(module, opts.fixed_flags + param_flags({name: value}, base))):
-                raise ValueError(f"--space {name}: {opts.script}.py refuses {value} ({error})")
-    batch = math.prod(max(p.choices or (p.high,)) if (p := opts.space.get(n)) else getattr(base, n)
+        raise ValueError(f"{cfg.script}.py: {error}")
+    for name, p in cfg.space.items():  # the ends of each range, and a value between, as the script takes them
+        for value in p.choices or (p.low, p.high, p.low if p.kind == "int" else p.low + (p.high - p.low) / 3):
+            try:
+                error = module.check_args(script_args(module, cfg.fixed_flags + param_flags({name: value}, base)))
+            except ValueError:
+                error = "not a value of its type"
+            if error:
+                raise ValueError(f"--space {name}: {cfg.script}.py refuses {value} ({error})")
+    batch = math.prod(max(p.choices or (p.high,)) if (p := cfg.space.get(n)) else getattr(base, n)
                       for n in ("num_envs", "num_steps"))
     if batch > base.total_timesteps:
-        raise ValueError(f"the space allows batches of {batch:,} steps (--num-envs x --num-steps), more than "
+        raise ValueError(f"the space holds batches of {batch:,} steps (--num-envs x --num-steps), more than "
                          f"--total-timesteps {base.total_timesteps:,}: raise it, or give --num-envs / --num-steps")
-    opts.study = opts.study or f"{opts.script}-{base.env_id}"
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", opts.study):
-        raise ValueError(f"--study {opts.study!r}: use letters, digits, '.', '-' and '_', starting with a letter or digit")
-    opts.study_dir = os.path.abspath(opts.study_dir or os.path.join(HERE, "studies", opts.study))
-    if "://" not in (opts.storage or ""):
-        opts.storage = os.path.abspath(opts.storage or os.path.join(opts.study_dir, "journal.log"))
-        if opts.storage != os.path.join(opts.study_dir, "journal.log") and not os.path.isdir(os.path.dirname(opts.storage)):
-            raise ValueError(f"--storage {opts.storage}: its folder does not exist")
-        if os.path.isdir(opts.storage):
-            raise ValueError(f"--storage {opts.storage} is a folder: give a file path, or an RDB URL")
-    opts.runs = [("--seed", str(s), *x) for x in ([], ["--no-compile"])[:1 + opts.also_no_compile]
-                 for s in range(1, opts.seeds + 1)]
-    opts.maximize, opts.total_timesteps = opts.objective in ("final", "worst"), base.total_timesteps
-    opts.eval_every_steps = opts.eval_every_steps or max(1, base.total_timesteps // 10)
-    opts.eval_every_iters = lambda f: max(1, round(opts.eval_every_steps / script_args(module, f).batch_size))
-    return opts
+    cfg.study = cfg.study or f"{cfg.script}-{base.env_id}"
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", cfg.study):
+        raise ValueError(f"--study {cfg.study!r}: use letters, digits, '.', '-' and '_', starting with a letter or digit")
+    cfg.study_dir = os.path.abspath(cfg.study_dir or os.path.join(HERE, "studies", cfg.study))
+    if "://" not in (cfg.storage or ""):
+        cfg.storage = os.path.abspath(cfg.storage or os.path.join(cfg.study_dir, "journal.log"))
+        if cfg.storage != os.path.join(cfg.study_dir, "journal.log") and not os.path.isdir(os.path.dirname(cfg.storage)):
+            raise ValueError(f"--storage {cfg.storage}: its folder does not exist")
+        if os.path.isdir(cfg.storage):
+            raise ValueError(f"--storage {cfg.storage} is a folder: give a file, or an RDB URL")
+    cfg.runs = [("--seed", str(s), *x) for x in ((), ("--no-compile",))[:1 + cfg.also_no_compile]
+                for s in range(1, cfg.seeds + 1)]
+    cfg.total_timesteps = base.total_timesteps
+    cfg.eval_every_steps = cfg.eval_every_steps or max(1, base.total_timesteps // 10)
+    return cfg
 
 
 def identity(cfg) -> dict:
     """What must not change when a study is continued."""
-    keys = ("script", "fixed_flags", "objective", "score", "target", "runs", "eval_every_steps", "periodic_eval_episodes")
+    keys = ("script", "fixed_flags", "objective", "score", "runs", "eval_every_steps", "periodic_eval_episodes")
     return json.loads(json.dumps({**{k: getattr(cfg, k) for k in keys},
                                   "space": {k: dataclasses.asdict(v) for k, v in cfg.space.items()}}))
 
 
 def open_study(cfg, create: bool = True):
-    """Create the study (the creator enqueues the script's defaults), or load it and check it is the same search."""
+    """Create the study (its creator enqueues the script's defaults), or load it and check it is the same search."""
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-    if "://" in cfg.storage:
-        storage = rdb_storage(cfg.storage, cfg.heartbeat, cfg.stale_after, retry, create)
-    else:
-        storage = journal_storage(cfg.storage, cfg.heartbeat, cfg.stale_after, retry)
+    storage = (rdb_storage if "://" in cfg.storage else journal_storage)(cfg.storage, cfg.heartbeat, cfg.stale_after,
+                                                                         retry, *([create] if "://" in cfg.storage else []))
     kw = dict(study_name=cfg.study, storage=storage, sampler=optuna.samplers.TPESampler(
         n_startup_trials=cfg.startup_trials, seed=cfg.sampler_seed), pruner=optuna.pruners.NopPruner()
         if cfg.pruner == "none" else optuna.pruners.MedianPruner(
@@ -573,13 +547,13 @@ def open_study(cfg, create: bool = True):
     try:
         if not create:
             raise optuna.exceptions.DuplicatedStudyError()
-        study = optuna.create_study(direction="maximize" if cfg.maximize else "minimize", **kw)
+        study = optuna.create_study(direction="maximize", **kw)
     except optuna.exceptions.DuplicatedStudyError:
         try:
             study = optuna.load_study(**kw)
         except KeyError:
             raise ValueError(f"no study {cfg.study} in {cfg.storage}: nothing to summarize") from None
-        for _ in range(50):  # its creator is setting it up
+        for _ in range(50):  # its creator may be setting it up
             if (saved := study.user_attrs.get("tuner")) is not None or not create:
                 break
             time.sleep(0.1)
@@ -591,25 +565,23 @@ def open_study(cfg, create: bool = True):
             return study
     study.set_user_attr("tuner", identity(cfg))
     defaults = {n: getattr(cfg.base, n) for n in cfg.space}
-    if not cfg.no_defaults_first and all(p.low <= defaults[n] <= p.high if not p.choices else defaults[n] in p.choices
+    if not cfg.no_defaults_first and all(defaults[n] in p.choices if p.choices else p.low <= defaults[n] <= p.high
                                          for n, p in cfg.space.items()):
         study.enqueue_trial(defaults)
     return study
 
 
 def storage_error(e: Exception) -> str | None:
-    """One line for what the machine or the user can cause when opening a storage; None for a bug."""
+    """One line for what a user or the machine can cause when opening a storage; None for a bug."""
     import sqlalchemy.exc
 
     if isinstance(e, ImportError):
         return "--storage: this URL's database driver is missing: pip install -r benchmark/requirements.txt"
     if isinstance(e, sqlalchemy.exc.ArgumentError):
-        return f"--storage: not a database URL SQLAlchemy reads ({str(e).splitlines()[0]}), e.g. postgresql://user@host/db"
+        return f"--storage: not a database URL ({str(e).splitlines()[0]}); e.g. postgresql://user@host/db"
     if isinstance(e, sqlalchemy.exc.DBAPIError):
         return f"--storage: cannot open the database: {str(e.orig).strip().splitlines()[0]}"
-    if isinstance(e, OSError):
-        return f"cannot write the study's files: {e}"
-    return None
+    return f"cannot write the study's files: {e}" if isinstance(e, OSError) else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -627,15 +599,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"no study at {cfg.storage}: nothing to summarize")
             print(summarize(open_study(cfg, create=False), cfg), flush=True)
             return 0
+        new = not os.path.exists(cfg.study_dir)
         os.makedirs(os.path.join(cfg.study_dir, "logs"), exist_ok=True)
-        tempfile.TemporaryFile(dir=cfg.study_dir).close()
+        tempfile.TemporaryFile(dir=cfg.study_dir).close()  # writable, even for root
         study = open_study(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001  (a storage that cannot be opened, a folder that cannot be written)
-        if (message := storage_error(e)) is None:
+    except Exception as e:  # noqa: BLE001  (bad input; a storage or a folder that cannot be used)
+        if (message := str(e) if isinstance(e, ValueError) else storage_error(e)) is None:
             raise
+        if "cfg" in locals() and locals().get("new"):  # leave nothing behind
+            shutil.rmtree(cfg.study_dir, ignore_errors=True)
         print(f"error: {message}", file=sys.stderr)
         return 2
     print(f"study {cfg.study} in {cfg.storage} ({len(study.trials)} trials so far): {cfg.trials} trials, {cfg.workers} "
@@ -657,11 +629,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tuner.run()
     except Exception as e:  # noqa: BLE001
-        if tuner.taken_over is None and not isinstance(e, OSError):
+        if tuner.taken_over is None and tuner.write_error is None and not isinstance(e, OSError):
             raise
-        print(f"error: trial {tuner.taken_over} was failed by another worker: this one was silent for more than "
-              f"--stale-after {cfg.stale_after} s (paused?); it stops" if tuner.taken_over is not None else
-              f"error: cannot write the study ({e}): free space and run the same command again", file=sys.stderr)
+        print(f"error: trial {tuner.taken_over} was failed by another worker, as this one was silent for more than "
+              f"--stale-after {cfg.stale_after} s (paused?): it stops" if tuner.taken_over is not None else
+              f"error: cannot write the study ({tuner.write_error or e}): free space and run the same command again", file=sys.stderr)
         code = 1
     finally:
         for s, handler in old.items():
@@ -671,13 +643,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"error: cannot write the summary in {cfg.study_dir} ({e})", file=sys.stderr)
         code = code or 1
-    if received:
-        return 128 + received[0]
     if tuner.failures >= cfg.max_failures:
-        print(f"error: stopped after {tuner.failures} failed trials (see {os.path.join(cfg.study_dir, 'logs')})",
+        print(f"error: stopped after {tuner.failures} failed trials (logs: {os.path.join(cfg.study_dir, 'logs')})",
               file=sys.stderr)
-        return 1
-    return code
+    return 128 + received[0] if received else 1 if tuner.failures >= cfg.max_failures else code
 
 
 if __name__ == "__main__":
