@@ -5,19 +5,18 @@
         --also-no-compile --total-timesteps 400000 --space gamma=0.99,0.995,0.999
     python benchmark/tune.py ppo_discrete --env-id CartPole-v1 --trials 0   # the summary only
 
-A trial runs the script unchanged as a subprocess, once per seed, and reads its periodic
-evaluations (--eval-every) as they come, for Optuna's pruner. Optuna does the rest: its storages
-(a journal file, or an RDB URL for many machines), TPE, the median pruner, study.optimize with its
-heartbeat, fail_stale_trials and RetryHeartbeatStaleTrialCallback, MaxTrialsCallback, the
-trials_dataframe and the plots. benchmark/TUNING.md says what this file adds.
+A trial runs the script unchanged, as a subprocess per seed, and reads its periodic evaluations
+(--eval-every) as they come, for Optuna's pruner. Optuna does the rest: the storage (a journal
+file, or an RDB URL for many machines), TPE, the median pruner, study.optimize with its heartbeat,
+fail_stale_trials and RetryHeartbeatStaleTrialCallback, MaxTrialsCallback, trials_dataframe and
+the plots. benchmark/TUNING.md says what this file adds.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
-import dataclasses
-import importlib
 import io
 import json
 import math
@@ -41,13 +40,11 @@ try:
 except ImportError:  # main() says what to install
     optuna = None
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED) if optuna else ()
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-# The search space: a name is a field of the script's Args (or minibatch_size, which becomes
-# --num-minibatches). SPEC: "log:LOW:HIGH", "float:LOW:HIGH", "int:LOW:HIGH", "A,B,C" (a choice)
-# or one value (fixed). --space NAME=SPEC overrides an entry or adds one.
+# The search space: each name is a field of the script's Args, or minibatch_size (which becomes
+# --num-minibatches). SPEC: log:LOW:HIGH, float:LOW:HIGH, int:LOW:HIGH, A,B,C (a choice) or one
+# value (fixed). --space NAME=SPEC overrides an entry or adds one.
 SPACE = {
     "learning_rate": "log:5e-5:3e-3",
     "num_envs": "4,8,16,32",
@@ -60,29 +57,15 @@ SPACE = {
     "clip_coef": "0.1,0.2,0.3",
     "hidden_size": "32,64,128,256",
 }
-RESERVED = {"seed", "eval_every", "periodic_eval_episodes", "runs_dir", "exp_name", "print_every",
-            "resume", "eval_checkpoint"}  # set by the tuner on every trial, or meaningless in one
+RESERVED = {"seed", "eval_every", "periodic_eval_episodes", "runs_dir", "exp_name", "print_every", "resume",
+            "eval_checkpoint"}  # the tuner sets them, or they make no sense in a trial
 EVAL_LINE = re.compile(r"eval at step ([\d,]+): (\S+) \+/- (\S+) over \d+ episodes")
-# A trial starts through this: it gets SIGTERM (saves, exits) when the tuner dies, even by SIGKILL
-# (Linux's PR_SET_PDEATHSIG, kept across exec); elsewhere the script just runs.
+# A trial starts through this, so that it gets SIGTERM (saves and exits) when the tuner dies, even
+# by SIGKILL: Linux's PR_SET_PDEATHSIG, kept across exec. Elsewhere the script just runs.
 LAUNCH = ("import ctypes, os, sys\ntry: ctypes.CDLL(None).prctl(1, 15)\nexcept (AttributeError, OSError): pass\n"
           "if os.getppid() != int(sys.argv[1]): sys.exit(143)\nos.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+Param = collections.namedtuple("Param", "kind low high choices", defaults=(0, 0, ()))  # kind: log float int choice
 Pruned, Failed, Interrupted = (type(name, (Exception,), {}) for name in ("Pruned", "Failed", "Interrupted"))
-
-
-@dataclasses.dataclass(frozen=True)
-class Param:
-    kind: str  # log, float, int, choice
-    low: float = 0.0
-    high: float = 0.0
-    choices: tuple = ()
-
-
-def parse_value(text: str):
-    for convert in (int, float):
-        with contextlib.suppress(ValueError):
-            return convert(text)
-    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def parse_spec(name: str, spec: str):
@@ -96,15 +79,20 @@ def parse_spec(name: str, spec: str):
         if not low < high or (kind == "log" and low <= 0) or not math.isfinite(high - low):
             raise ValueError(f"--space {name}={spec}: need finite LOW < HIGH (and LOW > 0 for log)")
         return Param(kind, low, high)
-    values = tuple(parse_value(v) for v in spec.split(","))
+    values = tuple(map(parse_value, spec.split(",")))
     return values[0] if len(values) == 1 else Param("choice", choices=values)
 
 
+def parse_value(text: str):
+    with contextlib.suppress(ValueError):
+        return json.loads(text)  # 3, 0.99, 1e-3, true
+    return text
+
+
 def flag_text(name: str, value) -> list[str]:
-    name = name.replace("_", "-")
     if isinstance(value, bool):
-        return [f"--{name}" if value else f"--no-{name}"]
-    return [f"--{name}", f"{value:.4g}" if isinstance(value, float) else str(value)]
+        return [f"--{'' if value else 'no-'}{name.replace('_', '-')}"]
+    return [f"--{name.replace('_', '-')}", f"{value:.4g}" if isinstance(value, float) else str(value)]
 
 
 def param_flags(params: dict, base) -> list[str]:
@@ -121,47 +109,47 @@ def param_flags(params: dict, base) -> list[str]:
 
 # ---- The storages: Optuna's, with what its journal file lacks in Optuna 5.0 ---------------------
 def journal_storage(path: str, heartbeat: int, grace: int, retry):
-    """Optuna's JournalStorage on its JournalFileBackend, given Optuna's heartbeat interface (RDB-only in
-    5.0, optuna/optuna#6615) so that study.optimize beats and fail_stale_trials works on it too."""
+    """Optuna's JournalStorage on its JournalFileBackend, with Optuna's heartbeat interface (RDB only
+    in 5.0, optuna/optuna#6615): study.optimize then beats, and fail_stale_trials works, here too."""
     from optuna.storages._heartbeat import BaseHeartbeat
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
 
     class Backend(JournalFileBackend):
-        """A failed append (a full disk) is cut back, and a cut last line (a writer killed mid-line),
-        which reading skips, is dropped before the next append: a bad write never glues onto a good
-        line, which would make every later line unreadable."""
+        """An append that fails (a full disk) is cut back, and a cut last line (a writer killed mid-line),
+        which Optuna's reader skips, is dropped before the next append: glued onto a new line, it would
+        make that line and every later one unreadable."""
 
         def append_logs(self, logs):
             text = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode()
             self._lock.acquire()
             try:
                 fd = os.open(self._file_path, os.O_RDWR)
-                end = os.lseek(fd, 0, os.SEEK_END)
-                while end and os.pread(fd, 1, end - 1) != b"\n":
-                    end -= 1
                 try:
-                    os.ftruncate(fd, end)
-                    done = 0
-                    while done < len(text):
-                        done += os.pwrite(fd, text[done:], end + done)
-                    os.fsync(fd)
-                except OSError:
-                    os.ftruncate(fd, end)
-                    raise
+                    end = os.lseek(fd, 0, os.SEEK_END)
+                    while end and os.pread(fd, 1, end - 1) != b"\n":
+                        end -= 1
+                    try:
+                        os.ftruncate(fd, end)
+                        done = 0
+                        while done < len(text):
+                            done += os.pwrite(fd, text[done:], end + done)
+                        os.fsync(fd)
+                    except OSError:
+                        os.ftruncate(fd, end)
+                        raise
                 finally:
                     os.close(fd)
             finally:
                 self._lock.release()
 
     class Storage(JournalStorage, BaseHeartbeat):
-        def record_heartbeat(self, trial_id: int) -> None:  # a finished trial, a full disk: shown elsewhere
+        def record_heartbeat(self, trial_id: int) -> None:  # a finished trial, a full disk: told elsewhere
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, OSError):
                 self.set_trial_system_attr(trial_id, "heartbeat", time.time())
 
         def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-            now = time.time()
-            return [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-                    if now - max(t.system_attrs.get("heartbeat", 0), t.datetime_start.timestamp()) > grace]
+            return [t._trial_id for t in self.get_all_trials(study_id, False, states=(TrialState.RUNNING,))
+                    if time.time() - max(t.system_attrs.get("heartbeat", 0), t.datetime_start.timestamp()) > grace]
 
         def get_heartbeat_interval(self) -> int:
             return heartbeat
@@ -192,10 +180,8 @@ def rdb_storage(url: str, heartbeat: int, grace: int, retry, create: bool = True
 # ---- The trials -------------------------------------------------------------------------------
 class Tuner:
     def __init__(self, cfg, study):
-        self.cfg, self.study = cfg, study
-        self.stop = threading.Event()  # Ctrl-C or SIGTERM: end the running trials
-        self.lock = threading.Lock()
-        self.procs: set = set()
+        self.cfg, self.study, self.procs = cfg, study, set()
+        self.stop, self.lock = threading.Event(), threading.Lock()  # stop: Ctrl-C or SIGTERM
         self.failures, self.taken_over, self.write_error = 0, None, None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -207,12 +193,12 @@ class Tuner:
                 "--exp-name", f"trial{number}", "--print-every", "60"]
 
     def run_once(self, trial, flags: list[str], extra: tuple, index: int, reported: set) -> dict:
-        """One run of the script (a seed, compiled or not); reports its periodic scores, stops it
-        (SIGTERM: it saves and exits) when the pruner says so or on Ctrl-C."""
-        cfg, cmd = self.cfg, self.command(flags + list(extra), trial.number)
+        """One run of the script (a seed, compiled or not): reports its periodic scores, and stops it
+        (SIGTERM: it saves and exits) when the pruner says so."""
+        cfg, cmd, start = self.cfg, self.command(flags + list(extra), trial.number), time.perf_counter()
         log_path = os.path.join(cfg.study_dir, "logs", f"trial{trial.number:04d}_run{index}.log")
-        best = solved = pruned = run_dir = None
-        tail, start = [], time.perf_counter()
+        best = pruned = run_dir = None
+        tail = []
         with self.lock:
             if self.stop.is_set():
                 raise Interrupted()
@@ -229,10 +215,8 @@ class Tuner:
                     run_dir = line[9:].strip() if line.startswith("run dir: ") else run_dir
                     if not (match := EVAL_LINE.match(line)) or pruned:
                         continue
-                    step = int(match[1].replace(",", ""))
-                    score = float(match[2]) - (float(match[3]) if cfg.score == "mean-std" else 0.0)
+                    step, score = int(match[1].replace(",", "")), float(match[2]) - (cfg.score == "mean-std") * float(match[3])
                     best = score if best is None or score > best else best
-                    solved = step if solved is None and cfg.target is not None and score >= cfg.target else solved
                     # One axis for the runs of a trial (run k from k x total), on the --eval-every-steps
                     # grid, so that the pruner compares trials with other batch sizes at the same steps.
                     grid = index * cfg.total_timesteps + round(step / cfg.eval_every_steps) * cfg.eval_every_steps
@@ -261,24 +245,21 @@ class Tuner:
         if code != 0 or run_dir is None:
             raise Failed(f"run {index} exited with code {code}: {tail[-1] if tail else 'no output'} (log: {log_path})")
         with open(os.path.join(run_dir, "evaluation.json")) as f:
-            evaluation = json.load(f)
-        if evaluation["mean"] is None or evaluation["std"] is None:
+            final = json.load(f)
+        if final["mean"] is None or final["std"] is None:
             raise Failed(f"run {index}: the final evaluation is not finite")
-        return {"label": " ".join(extra), "final": evaluation["mean"],
-                "std": evaluation["std"], "solved_step": solved, "wall": time.perf_counter() - start,
-                "value": evaluation["mean"] - (evaluation["std"] if cfg.score == "mean-std" else 0.0)}
+        return {"label": " ".join(extra), "final": final["mean"], "std": final["std"],
+                "wall": time.perf_counter() - start, "value": final["mean"] - (cfg.score == "mean-std") * final["std"]}
 
     def run_trial(self, trial) -> float:
-        cfg, params = self.cfg, {}
-        for name, p in cfg.space.items():
-            params[name] = (trial.suggest_categorical(name, list(p.choices)) if p.kind == "choice" else
-                            trial.suggest_int(name, p.low, p.high) if p.kind == "int" else
-                            trial.suggest_float(name, p.low, p.high, log=p.kind == "log"))
+        cfg, runs, reported = self.cfg, [], set()
+        params = {name: trial.suggest_categorical(name, list(p.choices)) if p.kind == "choice" else
+                  trial.suggest_int(name, p.low, p.high) if p.kind == "int" else
+                  trial.suggest_float(name, p.low, p.high, log=p.kind == "log") for name, p in cfg.space.items()}
         flags = cfg.fixed_flags + param_flags(params, cfg.base)
         trial.set_user_attr("worker", self.worker)
         trial.set_user_attr("command", shlex.join(["python", f"{cfg.script}.py", *flags, *cfg.runs[0]]))
         print(f"trial {trial.number} started: {' '.join(param_flags(params, cfg.base))}", flush=True)
-        runs, reported = [], set()
         for index, extra in enumerate(cfg.runs):
             runs.append(self.run_once(trial, flags, extra, index, reported))
             trial.set_user_attr("runs", runs)
@@ -296,16 +277,15 @@ class Tuner:
             self.taken_over = trial.number
             self.study.stop()
             raise
-        except Pruned as e:
-            trial.set_user_attr("reason", str(e))
-            raise optuna.TrialPruned(str(e)) from None
         except Exception as e:
             try:
-                trial.set_user_attr("reason", "interrupted" if isinstance(e, Interrupted) else
-                                    str(e) if isinstance(e, Failed) else f"{type(e).__name__}: {e}")
-            except OSError as error:  # the storage cannot be written: stop here (Optuna cannot tell either)
+                trial.set_user_attr("reason", "interrupted" if isinstance(e, Interrupted) else str(e)
+                                    if isinstance(e, (Failed, Pruned)) else f"{type(e).__name__}: {e}")
+            except OSError as error:  # the storage cannot be written: stop (Optuna cannot tell either)
                 self.write_error = error
                 self.study.stop()
+            if isinstance(e, Pruned):
+                raise optuna.TrialPruned(str(e)) from None
             raise
 
     def after_trial(self, study, trial) -> None:
@@ -319,17 +299,19 @@ class Tuner:
             print(f"trial {trial.number} {trial.state.name.lower()}: {reason}", flush=True)
         if self.stop.is_set() or self.failures >= self.cfg.max_failures:
             study.stop()
-        else:  # finished and running trials: a worker does not start one the budget does not need
-            optuna.study.MaxTrialsCallback(self.cfg.trials, states=(*FINISHED, TrialState.RUNNING))(study, trial)
+        else:  # finished and running trials: no worker starts a trial that the budget does not need
+            states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+            optuna.study.MaxTrialsCallback(self.cfg.trials, states=states)(study, trial)
 
     def run(self) -> None:
-        """study.optimize until the study holds --trials finished trials. Once the rest of the budget
-        is running elsewhere, wait for it: those trials finish, or turn stale and are retried here."""
+        """study.optimize until the study holds --trials finished trials. When the rest of the budget
+        is running elsewhere, wait: those trials finish, or turn stale and are retried here."""
         said = False
-        while not self.stop.is_set() and self.failures < self.cfg.max_failures and self.taken_over is None and self.write_error is None:
+        while not (self.stop.is_set() or self.failures >= self.cfg.max_failures or self.taken_over is not None
+                   or self.write_error):
             optuna.storages.fail_stale_trials(self.study)
             states = [t.state for t in self.study.get_trials(deepcopy=False)]
-            finished = sum(s in FINISHED for s in states)
+            finished = states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED)
             if finished >= self.cfg.trials:
                 return
             if (room := self.cfg.trials - finished - states.count(TrialState.RUNNING)) > 0:
@@ -350,7 +332,7 @@ class Tuner:
                     proc.send_signal(signal.SIGTERM)
 
 
-# ---- The summary: Optuna's trials_dataframe and plots, the command that reproduces the best ----
+# ---- The summary: Optuna's trials_dataframe and plots, and the command of the best trial ---------
 def summarize(study, cfg) -> str:
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs"))
     counts = df["state"].value_counts().to_dict() if len(df) else {}
@@ -365,9 +347,7 @@ def summarize(study, cfg) -> str:
     lines += [f"## The best {min(cfg.top, len(done))} trials", "", "| trial | value | worst run | runs | "
               + " | ".join(cfg.space) + " |", "|---:|---:|---:|---|" + "---:|" * len(cfg.space)]
     for _, row in done.head(cfg.top).iterrows():
-        runs = "; ".join(f"{r['label']}: {r['final']:.1f} +/- {r['std']:.1f}" + (
-            f" ({cfg.target:g} at {r['solved_step']:,})" if r["solved_step"] is not None else "")
-            for r in row["user_attrs_runs"])
+        runs = "; ".join(f"{r['label']}: {r['final']:.1f} +/- {r['std']:.1f}" for r in row["user_attrs_runs"])
         values = [row.get(f"params_{n}") for n in cfg.space]
         lines.append(f"| {row['number']} | {row['value']:,.1f} | {row['user_attrs_worst']:,.1f} | {runs} | " + " | ".join(
             "" if v is None or v != v else f"{v:.4g}" if isinstance(v, float) else str(v) for v in values) + " |")
@@ -384,32 +364,25 @@ def write_summary(study, cfg) -> str:
     from optuna.visualization.matplotlib import plot_intermediate_values, plot_optimization_history
 
     text = summarize(study, cfg)
-    write_file("summary.md", cfg, text)
-    write_file("trials.csv", cfg, study.trials_dataframe().to_csv(index=False))
-    if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+    files = {"summary.md": text, "trials.csv": study.trials_dataframe().to_csv(index=False)}
+    if done := any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         best = study.best_trial
-        write_file("best.json", cfg, json.dumps({"trial": best.number, "value": best.value, "params": best.params,
-                                                 **best.user_attrs}, indent=1))
-        for name, plot in (("history.png", plot_optimization_history), ("evaluations.png", plot_intermediate_values)):
+        files["best.json"] = json.dumps({"trial": best.number, "value": best.value, "params": best.params,
+                                         **best.user_attrs}, indent=1)
+    for name, content in files.items():  # atomically: several workers may write at once
+        fd, tmp = tempfile.mkstemp(dir=cfg.study_dir, prefix=".tmp-")
+        with os.fdopen(fd, "w") as f:
+            f.write(content + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, os.path.join(cfg.study_dir, name))
+    for name, plot in (("history.png", plot_optimization_history), ("evaluations.png", plot_intermediate_values)):
+        if done:
             ax = plot(study)
-            if ax.get_legend() is not None and name == "evaluations.png":
+            if name == "evaluations.png" and ax.get_legend() is not None:
                 ax.get_legend().remove()  # one entry per trial
             ax.figure.savefig(os.path.join(cfg.study_dir, name), dpi=100, bbox_inches="tight")
             plt.close(ax.figure)
     return text
-
-
-def write_file(name: str, cfg, text: str) -> None:
-    """Atomically: several workers may write the summary at once."""
-    fd, tmp = tempfile.mkstemp(dir=cfg.study_dir, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, os.path.join(cfg.study_dir, name))
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 # ---- The command line: every check before anything is written; the study; Ctrl-C ---------------
@@ -430,7 +403,6 @@ def parse_args(argv: list[str]):
     add("--objective", choices=["mean", "worst"], default="mean", help="of the runs' scores (maximized)")
     add("--score", choices=["mean", "mean-std"], default="mean", help="of an evaluation: its mean return, or mean - std")
     add("--also-no-compile", action="store_true", help="run each seed a second time with --no-compile")
-    add("--target", type=float, help="a score: record the first step each run reaches it")
     add("--space", action="append", default=[], metavar="NAME=SPEC", help="override an entry of SPACE")
     add("--eval-every-steps", type=int, help="periodic evaluations this often (default: a tenth of the run)")
     add("--periodic-eval-episodes", type=int, default=10)
@@ -456,34 +428,31 @@ def script_args(module, flags: list[str]):
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         with contextlib.suppress(SystemExit):
             return tyro.cli(module.Args, args=flags)
-    names = {f.name for f in dataclasses.fields(module.Args)}
-    unknown = [t for t in flags if t.startswith("--") and not {t[2:].split("=")[0].replace("-", "_"),
-                                                               t[5:].split("=")[0].replace("-", "_")} & names]
+    names = {f.replace("_", "-") for f in module.Args.__dataclass_fields__}
+    unknown = [t for t in flags if t.startswith("--") and not {t[2:].split("=")[0], t[5:].split("=")[0]} & names]
     raise ValueError(f"{module.__name__}.py has no flag {unknown[0]}" if unknown else
                      f"{module.__name__}.py refuses {shlex.join(flags)} (python {module.__name__}.py --help)")
 
 
 def make_config(cfg, flags: list[str]):
-    """The parsed flags completed with the fixed flags, the space and the runs; ValueError if wrong."""
+    """The parsed flags, completed with the fixed flags, the space and the runs; ValueError if wrong."""
     for name in ("trials", "startup_trials", "workers", "seeds", "max_failures", "periodic_eval_episodes",
                  "heartbeat", "top", "eval_every_steps"):
         if (value := getattr(cfg, name)) is not None and value < (0 if name in ("trials", "startup_trials") else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be {'0 or more' if value < 0 else 'positive'}, got {value}")
     if cfg.stale_after <= cfg.heartbeat:
         raise ValueError(f"--stale-after ({cfg.stale_after} s) must be longer than --heartbeat ({cfg.heartbeat} s)")
-    if not 0 <= cfg.prune_after <= 1 or (cfg.target is not None and not math.isfinite(cfg.target)):
-        raise ValueError(f"--prune-after must lie in [0, 1] and --target be finite, got {cfg.prune_after}, {cfg.target}")
+    if not 0 <= cfg.prune_after <= 1:
+        raise ValueError(f"--prune-after must lie in [0, 1], got {cfg.prune_after}")
     given = {t[2:].split("=")[0].replace("-", "_").removeprefix("no_") for t in flags if t.startswith("--")}
-    if given & (RESERVED | ({"compile"} if cfg.also_no_compile else set())):
-        raise ValueError(f"--{sorted(given & (RESERVED | {'compile'}))[0].replace('_', '-')} is set by the tuner")
+    if reserved := sorted(given & (RESERVED | ({"compile"} if cfg.also_no_compile else set()))):
+        raise ValueError(f"--{reserved[0].replace('_', '-')} is set by the tuner")
     sys.path.insert(0, ROOT)
-    cfg.module = module = importlib.import_module(cfg.script)
-    base = script_args(module, flags)
-    fields = {f.name for f in dataclasses.fields(module.Args)} | {"minibatch_size"}
-    specs = dict(SPACE)
+    cfg.module = module = __import__(cfg.script)
+    base, specs = script_args(module, flags), dict(SPACE)
     for item in cfg.space:
         name, sep, spec = item.partition("=")
-        if not sep or name not in fields or name in RESERVED:
+        if not sep or name not in {*module.Args.__dataclass_fields__, "minibatch_size"} - RESERVED:
             raise ValueError(f"--space {item}: expected NAME=SPEC with NAME a hyperparameter of {cfg.script}.py")
         specs[name] = spec
     cfg.space, cfg.fixed_flags = {}, list(flags)
@@ -532,14 +501,16 @@ def identity(cfg) -> dict:
     """What must not change when a study is continued."""
     keys = ("script", "fixed_flags", "objective", "score", "runs", "eval_every_steps", "periodic_eval_episodes")
     return json.loads(json.dumps({**{k: getattr(cfg, k) for k in keys},
-                                  "space": {k: dataclasses.asdict(v) for k, v in cfg.space.items()}}))
+                                  "space": {k: v._asdict() for k, v in cfg.space.items()}}))
 
 
 def open_study(cfg, create: bool = True):
     """Create the study (its creator enqueues the script's defaults), or load it and check it is the same search."""
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
-    storage = (rdb_storage if "://" in cfg.storage else journal_storage)(cfg.storage, cfg.heartbeat, cfg.stale_after,
-                                                                         retry, *([create] if "://" in cfg.storage else []))
+    if "://" in cfg.storage:
+        storage = rdb_storage(cfg.storage, cfg.heartbeat, cfg.stale_after, retry, create)
+    else:
+        storage = journal_storage(cfg.storage, cfg.heartbeat, cfg.stale_after, retry)
     kw = dict(study_name=cfg.study, storage=storage, sampler=optuna.samplers.TPESampler(
         n_startup_trials=cfg.startup_trials, seed=cfg.sampler_seed), pruner=optuna.pruners.NopPruner()
         if cfg.pruner == "none" else optuna.pruners.MedianPruner(
@@ -591,9 +562,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    opts, flags = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg, new = parse_args(sys.argv[1:] if argv is None else argv), False
     try:
-        cfg = make_config(opts, flags)
+        cfg = make_config(*cfg)
         if cfg.trials == 0:  # the summary only: nothing is created or written
             if "://" not in cfg.storage and not os.path.isfile(cfg.storage):
                 raise ValueError(f"no study at {cfg.storage}: nothing to summarize")
@@ -606,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001  (bad input; a storage or a folder that cannot be used)
         if (message := str(e) if isinstance(e, ValueError) else storage_error(e)) is None:
             raise
-        if "cfg" in locals() and locals().get("new"):  # leave nothing behind
+        if new:  # leave nothing behind
             shutil.rmtree(cfg.study_dir, ignore_errors=True)
         print(f"error: {message}", file=sys.stderr)
         return 2
@@ -633,7 +604,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: trial {tuner.taken_over} was failed by another worker, as this one was silent for more than "
               f"--stale-after {cfg.stale_after} s (paused?): it stops" if tuner.taken_over is not None else
-              f"error: cannot write the study ({tuner.write_error or e}): free space and run the same command again", file=sys.stderr)
+              f"error: cannot write the study ({tuner.write_error or e}): free space and run the same command again",
+              file=sys.stderr)
         code = 1
     finally:
         for s, handler in old.items():

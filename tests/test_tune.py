@@ -12,7 +12,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from conftest import ROOT
-from tune_helpers import STUDY, TUNE, children, gone, read_until, start, tune_args
+from tune_helpers import STUDY, children, gone, read_until, start, tune_args
 
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 import tune  # noqa: E402
@@ -135,7 +135,8 @@ def test_failing_trials_stop_the_study(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--target", "nan"], "--target be finite"),
+    (["--prune-after", "nan"], "--prune-after must lie in [0, 1]"),
+    (["--learning-rate", "nan"], "--learning-rate must be a finite number"),
     (["--heartbeat", "0"], "--heartbeat must be positive"),
     (["--stale-after", "-1"], "--stale-after (-1 s) must be longer"),
     (["--heartbeat", "0.5"], "invalid int value"),
