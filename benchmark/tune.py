@@ -1,64 +1,50 @@
-"""Hyperparameter search for ppo_discrete.py or ppo_continuous.py on Optuna (issue 11).
+"""Hyperparameter search for ppo_discrete.py or ppo_continuous.py with Optuna (issues 11, 20).
 
     python benchmark/tune.py ppo_discrete --env-id CartPole-v1 --trials 20 --total-timesteps 100000
-    python benchmark/tune.py ppo_discrete --trials 40 --seeds 2 --total-timesteps 600000 \\
-        --objective steps --target 200 --space gamma=0.99,0.995,0.999 --num-envs 16
-    python benchmark/tune.py ppo_continuous --env-id Pendulum-v1 --trials 0   # summary only
+    python benchmark/tune.py ppo_discrete --trials 40 --seeds 3 --objective worst --score mean-std \\
+        --also-no-compile --total-timesteps 400000 --space gamma=0.99,0.995,0.999
+    python benchmark/tune.py ppo_discrete --env-id CartPole-v1 --trials 0   # the summary only
 
-Every trial runs the script as a subprocess (OMP_NUM_THREADS=1) on --seeds seeds, one after the
-other, and reads its stdout as it comes: the script's periodic deterministic evaluations
-(--eval-every) are reported to Optuna, and a trial whose curve falls below the median of the
-complete trials at the same step is stopped (SIGTERM) and recorded as pruned. Any flag of the
-script given here (--env-id, --total-timesteps, --num-envs, ...) is passed to every trial and,
-if it names a searched hyperparameter, takes it out of the search.
-
-The study lives in a folder (benchmark/studies/NAME by default): the storage (an Optuna journal
-file, no server), the trials' logs and run directories, and at the end (or on Ctrl-C) summary.md,
-best.json and history.png. Running the same command again continues the study; so does the
-same command on other machines with a shared --storage (a journal file on a shared file system,
-or an RDB URL such as postgresql://user@host/db). --workers N runs N trials at once here.
---trials N is the study's total of finished (complete or pruned) trials, over every worker and
-machine. See benchmark/TUNING.md.
-
-Design notes. Ideas from CleanRL's tuner (cleanrl_utils/tuner.py: an Optuna study over the
-script run as-is, several seeds per trial), rl-baselines3-zoo (utils/exp_manager.py: TPE with a
-median pruner on periodic evaluations, a `.log` storage as an Optuna journal file, the search
-spaces in one file) and Optuna's documentation (ask-and-tell, JournalStorage, TrialState).
-Workers use Optuna's ask-and-tell interface rather than study.optimize so that the trial budget
-is exact over several workers and machines, and so that Ctrl-C ends every running trial cleanly.
-Optuna's own heartbeat is only for RDB storages inside study.optimize, so each trial here keeps
-a heartbeat in a user attribute; a trial whose worker died is marked failed by the next worker.
+A trial runs the script unchanged, as a subprocess per seed, and reads its periodic evaluations
+(--eval-every) as they come, for Optuna's pruner. Optuna does the rest: the storage (a journal
+file, or an RDB URL for many machines), TPE, the median pruner, study.optimize with its heartbeat,
+fail_stale_trials and RetryHeartbeatStaleTrialCallback, MaxTrialsCallback, trials_dataframe and
+the plots. benchmark/TUNING.md says what this file adds.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib
+import collections
+import contextlib
+import io
 import json
 import math
 import os
+import random
 import re
 import shlex
+import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from typing import Optional
+import warnings
+
+try:
+    import optuna
+    from optuna.trial import TrialState
+except ImportError:  # main() says what to install
+    optuna = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-
-# ---------------------------------------------------------------------------------------------
-# 1. The search space: one readable place. A name is a field of the script's Args (or
-#    minibatch_size, turned into --num-minibatches); override any entry with --space NAME=SPEC.
-#    SPEC: "log:LOW:HIGH" (log-uniform float), "float:LOW:HIGH", "int:LOW:HIGH", "A,B,C" (a choice),
-#    or one value (fixed: no longer searched, passed to every trial).
-# ---------------------------------------------------------------------------------------------
+# The search space: each name is a field of the script's Args, or minibatch_size (which becomes
+# --num-minibatches). SPEC: log:LOW:HIGH, float:LOW:HIGH, int:LOW:HIGH, A,B,C (a choice) or one
+# value (fixed). --space NAME=SPEC overrides an entry or adds one.
 SPACE = {
     "learning_rate": "log:5e-5:3e-3",
     "num_envs": "4,8,16,32",
@@ -71,167 +57,175 @@ SPACE = {
     "clip_coef": "0.1,0.2,0.3",
     "hidden_size": "32,64,128,256",
 }
-# Flags the tuner sets on every trial itself.
-RESERVED = {"seed", "eval_every", "periodic_eval_episodes", "runs_dir", "exp_name", "print_every",
-            "resume", "eval_checkpoint"}
-EVAL_LINE = re.compile(r"eval at step ([\d,]+): (\S+) \+/- \S+ over \d+ episodes")
-COUNTED = ("COMPLETE", "PRUNED", "RUNNING")  # trial states that use up the --trials budget
+RESERVED = {"seed", "eval_every", "periodic_eval_episodes", "runs_dir", "exp_name", "print_every", "resume",
+            "eval_checkpoint"}  # the tuner sets them, or they make no sense in a trial
+EVAL_LINE = re.compile(r"eval at step ([\d,]+): (\S+) \+/- (\S+) over \d+ episodes")
+# A trial starts through this, so that it gets SIGTERM (saves and exits) when the tuner dies, even
+# by SIGKILL: Linux's PR_SET_PDEATHSIG, kept across exec. Elsewhere the script just runs.
+LAUNCH = ("import ctypes, os, sys\ntry: ctypes.CDLL(None).prctl(1, 15)\nexcept (AttributeError, OSError): pass\n"
+          "if os.getppid() != int(sys.argv[1]): sys.exit(143)\nos.execv(sys.executable, [sys.executable, *sys.argv[2:]])")
+Param = collections.namedtuple("Param", "kind low high choices", defaults=(0, 0, ()))  # kind: log float int choice
+Pruned, Failed, Interrupted = (type(name, (Exception,), {}) for name in ("Pruned", "Failed", "Interrupted"))
 
 
-@dataclasses.dataclass(frozen=True)
-class Param:
-    kind: str  # log, float, int, choice
-    low: float = 0.0
-    high: float = 0.0
-    choices: tuple = ()
-
-
-def parse_value(text: str):
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
-def parse_spec(name: str, spec: str) -> Param | object:
-    """A Param for a searched entry, or the plain value of a fixed one; ValueError if malformed."""
+def parse_spec(name: str, spec: str):
+    """A Param for a searched entry, or the value of a fixed one; ValueError if malformed."""
     kind, _, rest = spec.partition(":")
     if kind in ("log", "float", "int"):
-        low, high = (int(x) if kind == "int" else float(x) for x in rest.split(":"))
-        if not low < high or (kind == "log" and low <= 0):
-            raise ValueError(f"{name}={spec}: need LOW < HIGH (and LOW > 0 for log)")
+        try:
+            low, high = (int(x) if kind == "int" else float(x) for x in rest.split(":"))
+        except ValueError:
+            raise ValueError(f"--space {name}={spec}: expected {kind}:LOW:HIGH") from None
+        if not low < high or (kind == "log" and low <= 0) or not math.isfinite(high - low):
+            raise ValueError(f"--space {name}={spec}: need finite LOW < HIGH (and LOW > 0 for log)")
         return Param(kind, low, high)
-    values = tuple(parse_value(v) for v in spec.split(","))
+    values = tuple(map(parse_value, spec.split(",")))
     return values[0] if len(values) == 1 else Param("choice", choices=values)
 
 
-def suggest(trial, space: dict[str, Param]) -> dict:
-    params = {}
-    for name, p in space.items():
-        if p.kind == "choice":
-            params[name] = trial.suggest_categorical(name, list(p.choices))
-        elif p.kind == "int":
-            params[name] = trial.suggest_int(name, p.low, p.high)
-        else:
-            params[name] = trial.suggest_float(name, p.low, p.high, log=p.kind == "log")
-    return params
+def parse_value(text: str):
+    with contextlib.suppress(ValueError):
+        return json.loads(text)  # 3, 0.99, 1e-3, true
+    return text
 
 
-def fits(p: Param, value) -> bool:
-    if p.kind == "choice":
-        return value in p.choices
-    return isinstance(value, (int, float)) and p.low <= value <= p.high
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. One trial: its flags, one seed's process read line by line, the objective over seeds
-# ---------------------------------------------------------------------------------------------
 def flag_text(name: str, value) -> list[str]:
-    name = name.replace("_", "-")
     if isinstance(value, bool):
-        return [f"--{name}" if value else f"--no-{name}"]
-    return [f"--{name}", f"{value:.4g}" if isinstance(value, float) else str(value)]
+        return [f"--{'' if value else 'no-'}{name.replace('_', '-')}"]
+    return [f"--{name.replace('_', '-')}", f"{value:.4g}" if isinstance(value, float) else str(value)]
 
 
 def param_flags(params: dict, base) -> list[str]:
     """The script flags for one trial's hyperparameters; base: the Args of the fixed flags."""
-    flags = []
-    for name, value in params.items():
-        if name != "minibatch_size":
-            flags += flag_text(name, value)
+    flags = [tok for name, value in params.items() if name != "minibatch_size" for tok in flag_text(name, value)]
     if "minibatch_size" in params:
         batch = params.get("num_envs", base.num_envs) * params.get("num_steps", base.num_steps)
-        flags += flag_text("num_minibatches", max(1, batch // params["minibatch_size"]))
+        count = max(1, batch // params["minibatch_size"])
+        while batch % count:  # equal minibatches, as the script requires
+            count -= 1
+        flags += flag_text("num_minibatches", count)
     return flags
 
 
-class Pruned(Exception):
-    pass
+# ---- The storages: Optuna's, with what its journal file lacks in Optuna 5.0 ---------------------
+def journal_storage(path: str, heartbeat: int, grace: int, retry):
+    """Optuna's JournalStorage on its JournalFileBackend, with Optuna's heartbeat interface (RDB only
+    in 5.0, optuna/optuna#6615): study.optimize then beats, and fail_stale_trials works, here too."""
+    from optuna.storages._heartbeat import BaseHeartbeat
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+
+    class Backend(JournalFileBackend):
+        """An append that fails (a full disk) is cut back, and a cut last line (a writer killed mid-line),
+        which Optuna's reader skips, is dropped before the next append: glued onto a new line, it would
+        make that line and every later one unreadable."""
+
+        def append_logs(self, logs):
+            text = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode()
+            self._lock.acquire()
+            try:
+                fd = os.open(self._file_path, os.O_RDWR)
+                try:
+                    end = os.lseek(fd, 0, os.SEEK_END)
+                    while end and os.pread(fd, 1, end - 1) != b"\n":
+                        end -= 1
+                    try:
+                        os.ftruncate(fd, end)
+                        done = 0
+                        while done < len(text):
+                            done += os.pwrite(fd, text[done:], end + done)
+                        os.fsync(fd)
+                    except OSError:
+                        os.ftruncate(fd, end)
+                        raise
+                finally:
+                    os.close(fd)
+            finally:
+                self._lock.release()
+
+    class Storage(JournalStorage, BaseHeartbeat):
+        def record_heartbeat(self, trial_id: int) -> None:  # a finished trial, a full disk: told elsewhere
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, OSError):
+                self.set_trial_system_attr(trial_id, "heartbeat", time.time())
+
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            return [t._trial_id for t in self.get_all_trials(study_id, False, states=(TrialState.RUNNING,))
+                    if time.time() - max(t.system_attrs.get("heartbeat", 0), t.datetime_start.timestamp()) > grace]
+
+        def get_heartbeat_interval(self) -> int:
+            return heartbeat
+
+        def get_heartbeat_stale_trial_callback(self):
+            return retry
+
+    return Storage(Backend(path, lock_obj=JournalFileOpenLock(path)))
 
 
-class Failed(Exception):
-    pass
+def rdb_storage(url: str, heartbeat: int, grace: int, retry, create: bool = True):
+    """Optuna's RDBStorage. Workers started together on a new database race to create its tables
+    (DuplicateTable, or a unique violation; optuna/optuna#1092): the losers try again and find them."""
+    import sqlalchemy.exc
+
+    for attempt in range(20):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=grace,
+                                              heartbeat_stale_trial_callback=retry, skip_table_creation=not create)
+        except (sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.IntegrityError):
+            if attempt == 19 or not create:
+                raise
+            time.sleep(0.1 + 0.4 * random.random())
+        except ValueError as e:  # a port that is not a number, ...
+            raise ValueError(f"--storage: not a database URL ({e})") from None
 
 
-class Interrupted(Exception):
-    pass
-
-
-@dataclasses.dataclass
-class SeedResult:
-    seed: int
-    value: float  # this seed's share of the objective
-    final: Optional[float]  # the final evaluation's mean (None when stopped at the target)
-    best_eval: Optional[float]
-    solved_step: Optional[int]  # first periodic evaluation >= --target
-    solved_seconds: Optional[float]
-    steps: int
-    wall: float
-
-
+# ---- The trials -------------------------------------------------------------------------------
 class Tuner:
-    """Runs trials for one study: the configuration, the running processes, the heartbeat."""
-
     def __init__(self, cfg, study):
-        self.cfg, self.study = cfg, study
-        self.stop = threading.Event()
-        self.lock = threading.Lock()
-        self.procs: set[subprocess.Popen] = set()
-        self.active: dict[int, object] = {}  # trial number -> optuna Trial, for the heartbeat
-        self.failures = 0
+        self.cfg, self.study, self.procs = cfg, study, set()
+        self.stop, self.lock = threading.Event(), threading.Lock()  # stop: Ctrl-C or SIGTERM
+        self.failures, self.taken_over, self.write_error = 0, None, None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
-    # -- one seed ------------------------------------------------------------------------------
-    def command(self, flags: list[str], seed: int, trial_number: int) -> list[str]:
+    def command(self, flags: list[str], number: int) -> list[str]:
         cfg = self.cfg
-        return [sys.executable, os.path.join(ROOT, f"{cfg.script}.py"), *flags, "--seed", str(seed),
-                "--eval-every", str(cfg.eval_every_iters(flags)), "--periodic-eval-episodes",
+        every = max(1, round(cfg.eval_every_steps / script_args(cfg.module, flags).batch_size))
+        return [os.path.join(ROOT, f"{cfg.script}.py"), *flags, "--eval-every", str(every), "--periodic-eval-episodes",
                 str(cfg.periodic_eval_episodes), "--runs-dir", os.path.join(cfg.study_dir, "runs"),
-                "--exp-name", f"trial{trial_number}", "--print-every", "60"]
+                "--exp-name", f"trial{number}", "--print-every", "60"]
 
-    def run_seed(self, trial, flags: list[str], seed: int, index: int) -> SeedResult:
-        """Run one seed, report its evaluations; stop it on pruning, on reaching the target in
-        the steps/time objectives, or on Ctrl-C. Raises Pruned, Failed or Interrupted."""
-        cfg = self.cfg
-        cmd = self.command(flags, seed, trial.number)
-        log_path = os.path.join(cfg.study_dir, "logs", f"trial{trial.number:04d}_seed{seed}.log")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        start = time.perf_counter()
-        best, solved, solved_s, stopped_for, reported, tail, run_dir, last_step = None, None, None, None, set(), [], None, 0
+    def run_once(self, trial, flags: list[str], extra: tuple, index: int, reported: set) -> dict:
+        """One run of the script (a seed, compiled or not): reports its periodic scores, and stops it
+        (SIGTERM: it saves and exits) when the pruner says so."""
+        cfg, cmd, start = self.cfg, self.command(flags + list(extra), trial.number), time.perf_counter()
+        log_path = os.path.join(cfg.study_dir, "logs", f"trial{trial.number:04d}_run{index}.log")
+        best = pruned = run_dir = None
+        tail = []
         with self.lock:
             if self.stop.is_set():
                 raise Interrupted()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                    env=env)
+            proc = subprocess.Popen([sys.executable, "-c", LAUNCH, str(os.getpid()), *cmd], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                    env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
             self.procs.add(proc)
         try:
             with open(log_path, "w") as log:
-                log.write(shlex.join(cmd) + "\n")
+                log.write(shlex.join(["python", *cmd]) + "\n")
                 for line in proc.stdout:
                     log.write(line)
                     tail = (tail + [line.rstrip()])[-5:]
-                    if line.startswith("run dir: "):
-                        run_dir = line[len("run dir: "):].strip()
-                    match = EVAL_LINE.match(line)
-                    if not match or stopped_for:
+                    run_dir = line[9:].strip() if line.startswith("run dir: ") else run_dir
+                    if not (match := EVAL_LINE.match(line)) or pruned:
                         continue
-                    step, mean = int(match[1].replace(",", "")), float(match[2])
-                    last_step = step
-                    best = mean if best is None or mean > best else best
-                    if cfg.target is not None and mean >= cfg.target and solved is None:
-                        solved, solved_s = step, time.perf_counter() - start
-                        if cfg.objective != "final":
-                            stopped_for = "target"
+                    step, score = int(match[1].replace(",", "")), float(match[2]) - (cfg.score == "mean-std") * float(match[3])
+                    best = score if best is None or score > best else best
+                    # One axis for the runs of a trial (run k from k x total), on the --eval-every-steps
+                    # grid, so that the pruner compares trials with other batch sizes at the same steps.
                     grid = index * cfg.total_timesteps + round(step / cfg.eval_every_steps) * cfg.eval_every_steps
-                    if grid not in reported and math.isfinite(mean):
+                    if math.isfinite(score) and grid not in reported:
                         reported.add(grid)
-                        trial.report(mean if cfg.objective == "final" else -mean, grid)
-                        if not stopped_for and trial.should_prune():
-                            stopped_for = "prune"
-                    if stopped_for:
-                        proc.send_signal(signal.SIGTERM)  # the script saves and exits 143
+                        trial.report(score, grid)
+                        if trial.should_prune():
+                            pruned = f"pruned at step {step:,} of run {index} ({best:.1f} at best)"
+                            proc.send_signal(signal.SIGTERM)
             code = proc.wait()
         finally:
             if proc.poll() is None:
@@ -240,139 +234,95 @@ class Tuner:
             proc.stdout.close()
             with self.lock:
                 self.procs.discard(proc)
-        wall = time.perf_counter() - start
-        if stopped_for == "prune":
-            raise Pruned(f"pruned at step {last_step:,} of seed {seed} (evaluation {best:.1f} at best)")
-        # Killed by a signal (-N, or 128 + N from the script's own handler): if it was a Ctrl-C,
-        # the tuner's handler sets `stop` in the main thread, maybe a moment after the child ended.
+        if pruned:
+            raise Pruned(pruned)
+        # Ended by a signal (Ctrl-C reaches the script too): the handler may set `stop` a moment later.
         signalled = code < 0 or code in (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP)
-        if stopped_for is None and code != 0 and self.stop.wait(2.0 if signalled else 0.0):
+        if code != 0 and self.stop.wait(2.0 if signalled else 0.0):
             raise Interrupted()
-        if stopped_for == "target":
-            value = solved if cfg.objective == "steps" else solved_s
-            return SeedResult(seed, float(value), None, best, solved, solved_s, last_step, wall)
         if code == 1 and any("diverged" in line for line in tail):
-            raise Pruned(f"diverged (seed {seed}): {tail[-1]}")
+            raise Pruned(f"diverged (run {index}): {tail[-1]}")
         if code != 0 or run_dir is None:
-            raise Failed(f"seed {seed} exited with code {code}: {tail[-1] if tail else 'no output'} (log: {log_path})")
+            raise Failed(f"run {index} exited with code {code}: {tail[-1] if tail else 'no output'} (log: {log_path})")
         with open(os.path.join(run_dir, "evaluation.json")) as f:
-            evaluation = json.load(f)
-        final, steps = evaluation["mean"], evaluation["global_step"]
-        if final is None:
-            raise Failed(f"seed {seed}: the final evaluation is not finite")
-        if cfg.objective == "final":
-            value = final
-        else:  # the target was not reached: worth more than the whole run, more the further it fell short
-            reach = max(best if best is not None else final, final)
-            penalty = 1 + max(0.0, cfg.target - reach) / max(abs(cfg.target), 1.0)
-            value = (steps if cfg.objective == "steps" else wall) * penalty
-        return SeedResult(seed, float(value), final, best, solved, solved_s, steps, wall)
+            final = json.load(f)
+        if final["mean"] is None or final["std"] is None:
+            raise Failed(f"run {index}: the final evaluation is not finite")
+        return {"label": " ".join(extra), "final": final["mean"], "std": final["std"],
+                "wall": time.perf_counter() - start, "value": final["mean"] - (cfg.score == "mean-std") * final["std"]}
 
-    # -- one trial -----------------------------------------------------------------------------
-    def run_trial(self, trial) -> tuple[float, float]:
-        """The objective over the seeds, run one after the other: (the mean, the worst seed)."""
-        cfg = self.cfg
-        params = suggest(trial, cfg.space)
+    def run_trial(self, trial) -> float:
+        cfg, runs, reported = self.cfg, [], set()
+        params = {name: trial.suggest_categorical(name, list(p.choices)) if p.kind == "choice" else
+                  trial.suggest_int(name, p.low, p.high) if p.kind == "int" else
+                  trial.suggest_float(name, p.low, p.high, log=p.kind == "log") for name, p in cfg.space.items()}
         flags = cfg.fixed_flags + param_flags(params, cfg.base)
-        trial.set_user_attr("flags", flags)
-        trial.set_user_attr("command", shlex.join(["python", f"{cfg.script}.py", *flags, "--seed", str(cfg.seeds[0])]))
+        trial.set_user_attr("worker", self.worker)
+        trial.set_user_attr("command", shlex.join(["python", f"{cfg.script}.py", *flags, *cfg.runs[0]]))
         print(f"trial {trial.number} started: {' '.join(param_flags(params, cfg.base))}", flush=True)
-        results = []
-        for index, seed in enumerate(cfg.seeds):
-            results.append(self.run_seed(trial, flags, seed, index))
-            trial.set_user_attr("seeds", [dataclasses.asdict(r) for r in results])
-        values = [r.value for r in results]
-        worst = min(values) if cfg.objective == "final" else max(values)
-        trial.set_user_attr("worst", worst)
-        return statistics.mean(values), worst
+        for index, extra in enumerate(cfg.runs):
+            runs.append(self.run_once(trial, flags, extra, index, reported))
+            trial.set_user_attr("runs", runs)
+        values = [r["value"] for r in runs]
+        trial.set_user_attr("worst", min(values))
+        if self.study.get_trials(deepcopy=False)[trial.number].state.is_finished():
+            raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} was finished elsewhere")
+        return min(values) if cfg.objective == "worst" else sum(values) / len(values)
 
-    def finish(self, trial) -> None:
-        """Run a trial and tell Optuna how it ended: complete, pruned or failed, never left running."""
-        from optuna.trial import TrialState
-
-        start = time.perf_counter()
+    def objective(self, trial) -> float:
+        """run_trial, with the reason of a pruned or failed trial kept in its user attributes."""
         try:
-            value, worst = self.run_trial(trial)
-        except Pruned as e:
-            trial.set_user_attr("reason", str(e))
-            self.study.tell(trial, state=TrialState.PRUNED)
-            print(f"trial {trial.number} {e}", flush=True)
-        except Interrupted:
-            trial.set_user_attr("reason", "interrupted")
-            self.study.tell(trial, state=TrialState.FAIL)
-            print(f"trial {trial.number} interrupted: recorded as failed", flush=True)
-        except Exception as e:  # noqa: BLE001  (any fault of a trial is the trial's, not the study's)
-            reason = str(e) if isinstance(e, Failed) else f"{type(e).__name__}: {e}"
-            trial.set_user_attr("reason", reason)
-            self.study.tell(trial, state=TrialState.FAIL)
-            with self.lock:
-                self.failures += 1
-            print(f"trial {trial.number} failed: {reason}", flush=True)
-        else:
-            self.study.tell(trial, value)
-            print(f"trial {trial.number} complete: {value:,.1f} (worst seed {worst:,.1f}) "
-                  f"in {time.perf_counter() - start:.0f} s", flush=True)
-        finally:
-            with self.lock:
-                self.active.pop(trial.number, None)
-
-    # -- the budget, stale trials, the heartbeat ------------------------------------------------
-    def ask(self):
-        """A new trial, or None once the study holds --trials complete, pruned or running ones.
-        Under a lock file in the study folder, so workers here and on machines sharing the folder
-        never overshoot the budget together."""
-        from optuna.storages.journal import JournalFileOpenLock
-        from optuna.trial import TrialState
-
-        lock = JournalFileOpenLock(os.path.join(self.cfg.study_dir, "budget"))
-        with self.lock:
-            if self.stop.is_set() or self.failures >= self.cfg.max_failures:
-                return None
-            lock.acquire()
+            return self.run_trial(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:  # another worker failed it: this one was paused
+            self.taken_over = trial.number
+            self.study.stop()
+            raise
+        except Exception as e:
             try:
-                self.fail_stale()
-                states = tuple(getattr(TrialState, s) for s in COUNTED)
-                if len(self.study.get_trials(deepcopy=False, states=states)) >= self.cfg.trials:
-                    return None
-                trial = self.study.ask()
-                trial.set_user_attr("worker", self.worker)
-                trial.set_user_attr("heartbeat", time.time())
-                self.active[trial.number] = trial
-                return trial
-            finally:
-                lock.release()
+                trial.set_user_attr("reason", "interrupted" if isinstance(e, Interrupted) else str(e)
+                                    if isinstance(e, (Failed, Pruned)) else f"{type(e).__name__}: {e}")
+            except OSError as error:  # the storage cannot be written: stop (Optuna cannot tell either)
+                self.write_error = error
+                self.study.stop()
+            if isinstance(e, Pruned):
+                raise optuna.TrialPruned(str(e)) from None
+            raise
 
-    def fail_stale(self) -> None:
-        """Mark failed the running trials whose worker is gone: a process of this machine that no
-        longer exists, or no heartbeat for --stale-after seconds."""
-        from optuna.trial import TrialState
+    def after_trial(self, study, trial) -> None:
+        """Optuna's callback: say how the trial ended; stop on Ctrl-C, --max-failures or the budget."""
+        reason = trial.user_attrs.get("reason", "")
+        if trial.state == TrialState.COMPLETE:
+            print(f"trial {trial.number} complete: {trial.value:,.1f} (worst run {trial.user_attrs['worst']:,.1f}) "
+                  f"in {trial.duration.total_seconds():.0f} s", flush=True)
+        else:
+            self.failures += trial.state == TrialState.FAIL and reason != "interrupted"
+            print(f"trial {trial.number} {trial.state.name.lower()}: {reason}", flush=True)
+        if self.stop.is_set() or self.failures >= self.cfg.max_failures:
+            study.stop()
+        else:  # finished and running trials: no worker starts a trial that the budget does not need
+            states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+            optuna.study.MaxTrialsCallback(self.cfg.trials, states=states)(study, trial)
 
-        host = socket.gethostname()
-        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.number in self.active:
+    def run(self) -> None:
+        """study.optimize until the study holds --trials finished trials. When the rest of the budget
+        is running elsewhere, wait: those trials finish, or turn stale and are retried here."""
+        said = False
+        while not (self.stop.is_set() or self.failures >= self.cfg.max_failures or self.taken_over is not None
+                   or self.write_error):
+            optuna.storages.fail_stale_trials(self.study)
+            states = [t.state for t in self.study.get_trials(deepcopy=False)]
+            finished = states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED)
+            if finished >= self.cfg.trials:
+                return
+            if (room := self.cfg.trials - finished - states.count(TrialState.RUNNING)) > 0:
+                self.study.optimize(self.objective, n_jobs=min(self.cfg.workers, room), catch=(Exception,),
+                                    callbacks=[self.after_trial])
                 continue
-            worker = t.user_attrs.get("worker", "")
-            beat = t.user_attrs.get("heartbeat", t.datetime_start.timestamp() if t.datetime_start else 0)
-            where, _, pid = worker.rpartition(":")
-            gone = worker == self.worker or (where == host and pid.isdigit() and not pid_alive(int(pid)))
-            if gone or time.time() - beat > self.cfg.stale_after:
-                self.study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-                print(f"trial {t.number} of {worker or 'an unknown worker'} was left running by a worker that is "
-                      f"gone: recorded as failed", flush=True)
-
-    def heartbeat(self) -> None:
-        while not self.stop.wait(self.cfg.heartbeat):
-            with self.lock:
-                trials = list(self.active.values())
-            for trial in trials:
-                try:
-                    trial.set_user_attr("heartbeat", time.time())
-                except Exception:  # noqa: BLE001  (finished meanwhile)
-                    pass
-
-    def worker_loop(self) -> None:
-        while (trial := self.ask()) is not None:
-            self.finish(trial)
+            if not said:
+                print(f"waiting for the {self.cfg.trials - finished} trial(s) running elsewhere: they finish, or "
+                      f"are failed after --stale-after {self.cfg.stale_after} s", flush=True)
+            said = True
+            self.stop.wait(self.cfg.heartbeat)
 
     def interrupt(self) -> None:
         self.stop.set()
@@ -382,339 +332,262 @@ class Tuner:
                     proc.send_signal(signal.SIGTERM)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. The summary: the best trials, the command that reproduces the best, the history plot
-# ---------------------------------------------------------------------------------------------
-OBJECTIVES = {
-    "final": "the mean over seeds of the final deterministic evaluation (higher is better)",
-    "steps": "the mean over seeds of the env steps to the first periodic evaluation >= the target (lower is better)",
-    "time": "the mean over seeds of the wall seconds to the first periodic evaluation >= the target "
-            "(process start to that line, evaluations included; lower is better)",
-}
-
-
+# ---- The summary: Optuna's trials_dataframe and plots, and the command of the best trial ---------
 def summarize(study, cfg) -> str:
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    counts = {s: sum(t.state == getattr(TrialState, s) for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
-    maximize = cfg.objective == "final"
-    done = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value, reverse=maximize)
-    lines = [f"# Study {study.study_name}", "",
-             f"Script {cfg.script}.py, fixed flags `{' '.join(cfg.fixed_flags) or '(none)'}`, seeds "
-             f"{', '.join(map(str, cfg.seeds))}; objective: {OBJECTIVES[cfg.objective]}"
-             + (f", target {cfg.target:g}" if cfg.target is not None else "") + ".", "",
-             f"Trials: {len(trials)} ({counts['COMPLETE']} complete, {counts['PRUNED']} pruned, "
-             f"{counts['FAIL']} failed, {counts['RUNNING']} running). Written {time.strftime('%Y-%m-%d %H:%M')}.", ""]
-    if not done:
+    df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs"))
+    counts = df["state"].value_counts().to_dict() if len(df) else {}
+    lines = [f"# Study {study.study_name}", "", f"`{cfg.script}.py {shlex.join(cfg.fixed_flags)}`, runs "
+             f"{'; '.join(' '.join(r) for r in cfg.runs)}; objective: the {cfg.objective} over the runs of the final "
+             f"evaluation's {cfg.score}.", "", f"Trials: {len(df)} (" + ", ".join(
+                 f"{counts.get(s, 0)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"))
+             + f"). Written {time.strftime('%Y-%m-%d %H:%M')}.", ""]
+    done = df[df["state"] == "COMPLETE"].sort_values("value", ascending=False) if len(df) else df
+    if not len(done):
         return "\n".join(lines + ["No complete trial yet."])
-    names = list(cfg.space)
-    lines += [f"## The best {min(cfg.top, len(done))} trials", "",
-              "| trial | value | worst seed | per seed | " + " | ".join(names) + " |",
-              "|---:|---:|---:|---|" + "---:|" * len(names)]
-    for t in done[:cfg.top]:
-        per_seed = ", ".join(describe_seed(s, cfg) for s in t.user_attrs.get("seeds", []))
-        lines.append(f"| {t.number} | {t.value:,.1f} | {t.user_attrs.get('worst', float('nan')):,.1f} | {per_seed} | "
-                     + " | ".join(format_param(t.params.get(n)) for n in names) + " |")
-    best = done[0]
-    lines += ["", f"Best: trial {best.number}, {best.value:,.1f}. Reproduce it (seed {cfg.seeds[0]}):", "",
-              "```", best.user_attrs.get("command", "?"), "```", ""]
-    return "\n".join(lines)
+    lines += [f"## The best {min(cfg.top, len(done))} trials", "", "| trial | value | worst run | runs | "
+              + " | ".join(cfg.space) + " |", "|---:|---:|---:|---|" + "---:|" * len(cfg.space)]
+    for _, row in done.head(cfg.top).iterrows():
+        runs = "; ".join(f"{r['label']}: {r['final']:.1f} +/- {r['std']:.1f}" for r in row["user_attrs_runs"])
+        values = [row.get(f"params_{n}") for n in cfg.space]
+        lines.append(f"| {row['number']} | {row['value']:,.1f} | {row['user_attrs_worst']:,.1f} | {runs} | " + " | ".join(
+            "" if v is None or v != v else f"{v:.4g}" if isinstance(v, float) else str(v) for v in values) + " |")
+    return "\n".join(lines + ["", f"Best: trial {study.best_trial.number}. Reproduce it:", "", "```",
+                              study.best_trial.user_attrs["command"], "```", ""])
 
 
-def describe_seed(s: dict, cfg) -> str:
-    text = f"{s['seed']}: " + (f"final {s['final']:.1f}" if s.get("final") is not None else "stopped at the target")
-    if s.get("solved_step") is not None:
-        text += f", >= {cfg.target:g} at {s['solved_step']:,} steps ({s['solved_seconds']:.0f} s)"
-    return text
-
-
-def format_param(value) -> str:
-    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def plot_history(study, cfg, path: str) -> None:
-    """Left: each trial's value and the best so far; right: the reported evaluation curves."""
+def write_summary(study, cfg) -> str:
+    """summary.md, trials.csv (the trials_dataframe), best.json, history.png and evaluations.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from optuna.trial import TrialState
-
-    maximize = cfg.objective == "final"
-    trials = study.get_trials(deepcopy=False)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    ax1.scatter([t.number for t in done], [t.value for t in done], s=14, label="complete")
-    best, xs, ys = None, [], []
-    for t in done:
-        best = t.value if best is None or (t.value > best if maximize else t.value < best) else best
-        xs.append(t.number)
-        ys.append(best)
-    ax1.step(xs, ys, where="post", color="C3", label="best so far")
-    zoom(ax1, [t.value for t in done], maximize)
-    ax1.set_xlabel("trial")
-    ax1.set_ylabel({"final": "final evaluation", "steps": "env steps to target", "time": "seconds to target"}[cfg.objective])
-    ax1.set_title(f"{study.study_name}: optimization history")
-    ax1.legend()
-    ax1.grid(alpha=0.3)
-    sign, curves = 1 if maximize else -1, []
-    for t in trials:
-        if t.intermediate_values:
-            steps = sorted(t.intermediate_values)
-            color = {TrialState.COMPLETE: "C0", TrialState.PRUNED: "C1"}.get(t.state, "gray")
-            curves += [sign * t.intermediate_values[s] for s in steps]
-            ax2.plot(steps, curves[-len(steps):], color=color, alpha=0.6, linewidth=1)
-    zoom(ax2, curves, True)
-    ax2.set_xlabel(f"env steps (seed k's curve starts at (k - 1) x {cfg.total_timesteps:,})")
-    ax2.set_ylabel("periodic evaluation return")
-    ax2.set_title("evaluations (blue: complete, orange: pruned, gray: failed)")
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def zoom(ax, values: list[float], maximize: bool) -> None:
-    """Keep a few disastrous trials from squashing the rest: cut the axis at the worst decile."""
-    if len(values) >= 10:
-        ordered = sorted(values) if maximize else sorted(values, reverse=True)
-        worst, best = ordered[len(ordered) // 10], ordered[-1]
-        margin = 0.1 * abs(best - worst) or 1.0
-        low, high = (worst - margin, best + margin) if maximize else (best - margin, worst + margin)
-        ax.set_ylim(low, high)
-        ax.text(0.01, 0.01, "axis cut at the worst 10%", transform=ax.transAxes, fontsize=7, color="gray")
-
-
-def write_summary(study, cfg) -> str:
-    from optuna.trial import TrialState
+    from optuna.visualization.matplotlib import plot_intermediate_values, plot_optimization_history
 
     text = summarize(study, cfg)
-    write_file(os.path.join(cfg.study_dir, "summary.md"), text)
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if done:
-        best = (max if cfg.objective == "final" else min)(done, key=lambda t: t.value)
-        write_file(os.path.join(cfg.study_dir, "best.json"), json.dumps(
-            {"trial": best.number, "value": best.value, "worst_seed": best.user_attrs.get("worst"),
-             "params": best.params, "flags": best.user_attrs.get("flags"),
-             "command": best.user_attrs.get("command"), "seeds": best.user_attrs.get("seeds")}, indent=1))
-        try:
-            plot_history(study, cfg, os.path.join(cfg.study_dir, "history.png"))
-        except ImportError:
-            print("matplotlib is missing: no history.png (pip install -r benchmark/requirements.txt)")
+    files = {"summary.md": text, "trials.csv": study.trials_dataframe().to_csv(index=False)}
+    if done := any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        best = study.best_trial
+        files["best.json"] = json.dumps({"trial": best.number, "value": best.value, "params": best.params,
+                                         **best.user_attrs}, indent=1)
+    for name, content in files.items():  # atomically: several workers may write at once
+        fd, tmp = tempfile.mkstemp(dir=cfg.study_dir, prefix=".tmp-")
+        with os.fdopen(fd, "w") as f:
+            f.write(content + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, os.path.join(cfg.study_dir, name))
+    for name, plot in (("history.png", plot_optimization_history), ("evaluations.png", plot_intermediate_values)):
+        if done:
+            ax = plot(study)
+            if name == "evaluations.png" and ax.get_legend() is not None:
+                ax.get_legend().remove()  # one entry per trial
+            ax.figure.savefig(os.path.join(cfg.study_dir, name), dpi=100, bbox_inches="tight")
+            plt.close(ax.figure)
     return text
 
 
-def write_file(path: str, text: str) -> None:
-    """Atomically: several workers may write the summary at once."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes it private
-    os.replace(tmp, path)
+# ---- The command line: every check before anything is written; the study; Ctrl-C ---------------
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        print(f"error: {message} (python benchmark/tune.py --help)", file=sys.stderr)
+        sys.exit(2)
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. The command line: the configuration, the study, the workers, Ctrl-C
-# ---------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Config:
-    script: str
-    fixed_flags: list
-    base: object  # the script's Args with the fixed flags
-    space: dict
-    objective: str
-    target: Optional[float]
-    seeds: list
-    trials: int
-    workers: int
-    eval_every_steps: int
-    periodic_eval_episodes: int
-    study_name: str
-    study_dir: str
-    max_failures: int
-    heartbeat: float
-    stale_after: float
-    top: int
-
-    @property
-    def total_timesteps(self) -> int:
-        return self.base.total_timesteps
-
-    def eval_every_iters(self, flags: list[str]) -> int:
-        import tyro
-
-        args = tyro.cli(type(self.base), args=flags)
-        return max(1, round(self.eval_every_steps / args.batch_size))
-
-    def identity(self) -> dict:
-        """What must not change when a study is continued."""
-        return {"script": self.script, "fixed_flags": self.fixed_flags, "objective": self.objective,
-                "target": self.target, "seeds": self.seeds, "eval_every_steps": self.eval_every_steps,
-                "periodic_eval_episodes": self.periodic_eval_episodes,
-                "space": {k: dataclasses.asdict(v) for k, v in self.space.items()}}
+def parse_args(argv: list[str]):
+    p = Parser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               epilog="Any other flag is the script's, given to every trial (and no longer searched).")
+    add = p.add_argument
+    add("script", choices=["ppo_discrete", "ppo_continuous"])
+    add("--trials", type=int, default=20, help="finished (complete + pruned) trials the study should hold")
+    add("--workers", type=int, default=1, help="trials at once in this process (one process each)")
+    add("--seeds", type=int, default=1, help="seeds per trial (1, 2, ...), run one after the other")
+    add("--objective", choices=["mean", "worst"], default="mean", help="of the runs' scores (maximized)")
+    add("--score", choices=["mean", "mean-std"], default="mean", help="of an evaluation: its mean return, or mean - std")
+    add("--also-no-compile", action="store_true", help="run each seed a second time with --no-compile")
+    add("--space", action="append", default=[], metavar="NAME=SPEC", help="override an entry of SPACE")
+    add("--eval-every-steps", type=int, help="periodic evaluations this often (default: a tenth of the run)")
+    add("--periodic-eval-episodes", type=int, default=10)
+    add("--pruner", choices=["median", "none"], default="median")
+    add("--prune-after", type=float, default=0.2, help="no pruning in this fraction of the first run")
+    add("--startup-trials", type=int, default=5, help="random trials before TPE, and before pruning")
+    add("--no-defaults-first", action="store_true", help="do not run the script's defaults first")
+    add("--sampler-seed", type=int)
+    add("--study", help="study name (default: SCRIPT-ENV_ID)")
+    add("--study-dir", help="default: benchmark/studies/STUDY")
+    add("--storage", help="a journal file (default: STUDY_DIR/journal.log) or an RDB URL (postgresql://...)")
+    add("--max-failures", type=int, default=5, help="stop after this many failed trials here")
+    add("--heartbeat", type=int, default=30, help="seconds between a running trial's heartbeats")
+    add("--stale-after", type=int, default=300, help="a running trial silent this long is failed, and retried once")
+    add("--top", type=int, default=5, help="trials listed in the summary")
+    return p.parse_known_args(argv)
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], allow_abbrev=False,
-        epilog="Any other flag is the script's, given to every trial (and no longer searched).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("script", choices=["ppo_discrete", "ppo_continuous"])
-    parser.add_argument("--trials", type=int, default=20, help="complete + pruned trials the study should hold")
-    parser.add_argument("--workers", type=int, default=1, help="trials at once in this process (one process each)")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per trial (1, 2, ...), run one after the other")
-    parser.add_argument("--objective", choices=list(OBJECTIVES), default="final",
-                        help="final: the final evaluation; steps/time: env steps/wall seconds to reach --target")
-    parser.add_argument("--target", type=float, help="a return to reach (needed by --objective steps/time)")
-    parser.add_argument("--space", action="append", default=[], metavar="NAME=SPEC",
-                        help="override one entry of the search space (see SPACE in this file); repeatable")
-    parser.add_argument("--eval-every-steps", type=int, help="periodic evaluation about this often "
-                        "(default: a tenth of --total-timesteps)")
-    parser.add_argument("--periodic-eval-episodes", type=int, default=10)
-    parser.add_argument("--pruner", choices=["median", "none"], default="median")
-    parser.add_argument("--prune-after", type=float, default=0.2,
-                        help="no pruning in the first this fraction of the first seed's steps")
-    parser.add_argument("--startup-trials", type=int, default=5,
-                        help="trials sampled at random before TPE, and before pruning starts")
-    parser.add_argument("--no-defaults-first", action="store_true",
-                        help="do not enqueue the script's defaults as the study's first trial")
-    parser.add_argument("--sampler-seed", type=int)
-    parser.add_argument("--study", help="study name (default: SCRIPT-ENV_ID)")
-    parser.add_argument("--study-dir", help="default: benchmark/studies/STUDY")
-    parser.add_argument("--storage", help="an RDB URL (sqlite:///f.db, postgresql://...) or a journal file path "
-                        "(default: STUDY_DIR/journal.log)")
-    parser.add_argument("--max-failures", type=int, default=5, help="stop after this many failed trials here")
-    parser.add_argument("--heartbeat", type=float, default=30.0, help="seconds between a trial's heartbeats")
-    parser.add_argument("--stale-after", type=float, default=300.0,
-                        help="a running trial with no heartbeat for this long is marked failed")
-    parser.add_argument("--top", type=int, default=5, help="trials listed in the summary")
-    return parser.parse_known_args(argv)
-
-
-def make_config(opts, script_flags: list[str]) -> Config:
-    """The configuration, or ValueError with what is wrong."""
-    given = {tok[2:].split("=")[0].replace("-", "_").removeprefix("no_") for tok in script_flags if tok.startswith("--")}
-    if given & RESERVED:
-        raise ValueError(f"--{sorted(given & RESERVED)[0].replace('_', '-')} is set by the tuner for each trial")
-    if opts.objective != "final" and opts.target is None:
-        raise ValueError(f"--objective {opts.objective} needs --target")
-    for name, value in (("--trials", opts.trials + 1), ("--workers", opts.workers), ("--seeds", opts.seeds),
-                        ("--max-failures", opts.max_failures), ("--periodic-eval-episodes", opts.periodic_eval_episodes)):
-        if value < 1:
-            raise ValueError(f"{name} must be positive")
-    sys.path.insert(0, ROOT)
+def script_args(module, flags: list[str]):
+    """The script's Args for these flags, or ValueError in one line (tyro's message is a box)."""
     import tyro
 
-    module = importlib.import_module(opts.script)
-    try:
-        base = tyro.cli(module.Args, args=script_flags)
-    except SystemExit:  # tyro printed what is wrong
-        raise ValueError(f"the flags {' '.join(script_flags)} are not {opts.script}.py's") from None
-    fields = {f.name for f in dataclasses.fields(module.Args)} | {"minibatch_size"}
-    specs = dict(SPACE)
-    for item in opts.space:
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.suppress(SystemExit):
+            return tyro.cli(module.Args, args=flags)
+    names = {f.replace("_", "-") for f in module.Args.__dataclass_fields__}
+    unknown = [t for t in flags if t.startswith("--") and not {t[2:].split("=")[0], t[5:].split("=")[0]} & names]
+    raise ValueError(f"{module.__name__}.py has no flag {unknown[0]}" if unknown else
+                     f"{module.__name__}.py refuses {shlex.join(flags)} (python {module.__name__}.py --help)")
+
+
+def make_config(cfg, flags: list[str]):
+    """The parsed flags, completed with the fixed flags, the space and the runs; ValueError if wrong."""
+    for name in ("trials", "startup_trials", "workers", "seeds", "max_failures", "periodic_eval_episodes",
+                 "heartbeat", "top", "eval_every_steps"):
+        if (value := getattr(cfg, name)) is not None and value < (0 if name in ("trials", "startup_trials") else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be {'0 or more' if value < 0 else 'positive'}, got {value}")
+    if cfg.stale_after <= cfg.heartbeat:
+        raise ValueError(f"--stale-after ({cfg.stale_after} s) must be longer than --heartbeat ({cfg.heartbeat} s)")
+    if not 0 <= cfg.prune_after <= 1:
+        raise ValueError(f"--prune-after must lie in [0, 1], got {cfg.prune_after}")
+    given = {t[2:].split("=")[0].replace("-", "_").removeprefix("no_") for t in flags if t.startswith("--")}
+    if reserved := sorted(given & (RESERVED | ({"compile"} if cfg.also_no_compile else set()))):
+        raise ValueError(f"--{reserved[0].replace('_', '-')} is set by the tuner")
+    sys.path.insert(0, ROOT)
+    cfg.module = module = __import__(cfg.script)
+    base, specs = script_args(module, flags), dict(SPACE)
+    for item in cfg.space:
         name, sep, spec = item.partition("=")
-        if not sep or name not in fields or name in RESERVED:
-            raise ValueError(f"--space {item}: expected NAME=SPEC with NAME a hyperparameter of {opts.script}.py")
+        if not sep or name not in {*module.Args.__dataclass_fields__, "minibatch_size"} - RESERVED:
+            raise ValueError(f"--space {item}: expected NAME=SPEC with NAME a hyperparameter of {cfg.script}.py")
         specs[name] = spec
-    space, fixed = {}, list(script_flags)
+    cfg.space, cfg.fixed_flags = {}, list(flags)
     for name, spec in specs.items():
         value = parse_spec(name, spec)
-        given_here = name in given or (name == "minibatch_size" and "num_minibatches" in given)
-        if given_here:
+        if name in given or (name == "minibatch_size" and "num_minibatches" in given):
             continue  # a flag given to the script wins over the search
         if isinstance(value, Param):
-            space[name] = value
-        elif name == "minibatch_size":
-            fixed += flag_text("num_minibatches", max(1, base.batch_size // value))
+            cfg.space[name] = value
         else:
-            fixed += flag_text(name, value)
-    base = tyro.cli(module.Args, args=fixed)
-    name = opts.study or f"{opts.script}-{base.env_id}"
-    if not re.fullmatch(r"[\w.-]+", name):
-        raise ValueError(f"--study {name}: use letters, digits, '.', '-' and '_'")
-    return Config(
-        script=opts.script, fixed_flags=fixed, base=base, space=space, objective=opts.objective, target=opts.target,
-        seeds=list(range(1, opts.seeds + 1)), trials=opts.trials, workers=opts.workers,
-        eval_every_steps=opts.eval_every_steps or max(1, base.total_timesteps // 10),
-        periodic_eval_episodes=opts.periodic_eval_episodes, study_name=name,
-        study_dir=os.path.abspath(opts.study_dir or os.path.join(HERE, "studies", name)),
-        max_failures=opts.max_failures, heartbeat=opts.heartbeat, stale_after=opts.stale_after, top=opts.top)
+            cfg.fixed_flags += param_flags({name: value}, base)
+    cfg.base = base = script_args(module, cfg.fixed_flags)
+    if error := module.check_args(base) or module.check_env(base.env_id):
+        raise ValueError(f"{cfg.script}.py: {error}")
+    for name, p in cfg.space.items():  # the ends of each range, and a value between, as the script takes them
+        for value in p.choices or (p.low, p.high, p.low if p.kind == "int" else p.low + (p.high - p.low) / 3):
+            try:
+                error = module.check_args(script_args(module, cfg.fixed_flags + param_flags({name: value}, base)))
+            except ValueError:
+                error = "not a value of its type"
+            if error:
+                raise ValueError(f"--space {name}: {cfg.script}.py refuses {value} ({error})")
+    batch = math.prod(max(p.choices or (p.high,)) if (p := cfg.space.get(n)) else getattr(base, n)
+                      for n in ("num_envs", "num_steps"))
+    if batch > base.total_timesteps:
+        raise ValueError(f"the space holds batches of {batch:,} steps (--num-envs x --num-steps), more than "
+                         f"--total-timesteps {base.total_timesteps:,}: raise it, or give --num-envs / --num-steps")
+    cfg.study = cfg.study or f"{cfg.script}-{base.env_id}"
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", cfg.study):
+        raise ValueError(f"--study {cfg.study!r}: use letters, digits, '.', '-' and '_', starting with a letter or digit")
+    cfg.study_dir = os.path.abspath(cfg.study_dir or os.path.join(HERE, "studies", cfg.study))
+    if "://" not in (cfg.storage or ""):
+        cfg.storage = os.path.abspath(cfg.storage or os.path.join(cfg.study_dir, "journal.log"))
+        if cfg.storage != os.path.join(cfg.study_dir, "journal.log") and not os.path.isdir(os.path.dirname(cfg.storage)):
+            raise ValueError(f"--storage {cfg.storage}: its folder does not exist")
+        if os.path.isdir(cfg.storage):
+            raise ValueError(f"--storage {cfg.storage} is a folder: give a file, or an RDB URL")
+    cfg.runs = [("--seed", str(s), *x) for x in ((), ("--no-compile",))[:1 + cfg.also_no_compile]
+                for s in range(1, cfg.seeds + 1)]
+    cfg.total_timesteps = base.total_timesteps
+    cfg.eval_every_steps = cfg.eval_every_steps or max(1, base.total_timesteps // 10)
+    return cfg
 
 
-def open_study(opts, cfg: Config):
-    """Create the study, or load it and check that it is the same search."""
-    import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock, JournalStorage
+def identity(cfg) -> dict:
+    """What must not change when a study is continued."""
+    keys = ("script", "fixed_flags", "objective", "score", "runs", "eval_every_steps", "periodic_eval_episodes")
+    return json.loads(json.dumps({**{k: getattr(cfg, k) for k in keys},
+                                  "space": {k: v._asdict() for k, v in cfg.space.items()}}))
 
-    name = cfg.study_name
-    if opts.storage and "://" in opts.storage:
-        storage = optuna.storages.RDBStorage(opts.storage)
+
+def open_study(cfg, create: bool = True):
+    """Create the study (its creator enqueues the script's defaults), or load it and check it is the same search."""
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+    if "://" in cfg.storage:
+        storage = rdb_storage(cfg.storage, cfg.heartbeat, cfg.stale_after, retry, create)
     else:
-        path = os.path.abspath(opts.storage or os.path.join(cfg.study_dir, "journal.log"))
-        storage = JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
-    pruner = optuna.pruners.NopPruner() if opts.pruner == "none" else optuna.pruners.MedianPruner(
-        n_startup_trials=opts.startup_trials, n_warmup_steps=int(opts.prune_after * cfg.total_timesteps))
-    sampler = optuna.samplers.TPESampler(n_startup_trials=opts.startup_trials, seed=opts.sampler_seed)
-    lock = JournalFileOpenLock(os.path.join(cfg.study_dir, "budget"))
-    lock.acquire()
+        storage = journal_storage(cfg.storage, cfg.heartbeat, cfg.stale_after, retry)
+    kw = dict(study_name=cfg.study, storage=storage, sampler=optuna.samplers.TPESampler(
+        n_startup_trials=cfg.startup_trials, seed=cfg.sampler_seed), pruner=optuna.pruners.NopPruner()
+        if cfg.pruner == "none" else optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.startup_trials, n_warmup_steps=int(cfg.prune_after * cfg.total_timesteps)))
     try:
-        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
-                                    direction="maximize" if cfg.objective == "final" else "minimize",
-                                    load_if_exists=True)
-        identity = json.loads(json.dumps(cfg.identity()))
-        saved = study.user_attrs.get("tuner")
-        if saved is None:
-            study.set_user_attr("tuner", identity)
-            defaults = {n: getattr(cfg.base, n) for n in cfg.space if n != "minibatch_size"}
-            if "minibatch_size" in cfg.space:
-                defaults["minibatch_size"] = cfg.base.minibatch_size
-            defaults = {n: v for n, v in defaults.items() if fits(cfg.space[n], v)}
-            if defaults and not opts.no_defaults_first:
-                study.enqueue_trial(defaults)
-        elif saved != identity:
-            diff = sorted(k for k in identity if saved.get(k) != identity[k])
-            raise ValueError(f"study {name} in {opts.storage or cfg.study_dir} was started with other settings "
-                             f"({', '.join(diff)}): {json.dumps({k: saved.get(k) for k in diff})}; "
-                             "give the same ones, or another --study")
-    finally:
-        lock.release()
+        if not create:
+            raise optuna.exceptions.DuplicatedStudyError()
+        study = optuna.create_study(direction="maximize", **kw)
+    except optuna.exceptions.DuplicatedStudyError:
+        try:
+            study = optuna.load_study(**kw)
+        except KeyError:
+            raise ValueError(f"no study {cfg.study} in {cfg.storage}: nothing to summarize") from None
+        for _ in range(50):  # its creator may be setting it up
+            if (saved := study.user_attrs.get("tuner")) is not None or not create:
+                break
+            time.sleep(0.1)
+        if saved is not None and saved != identity(cfg):
+            diff = sorted(k for k in saved if saved.get(k) != identity(cfg).get(k))
+            raise ValueError(f"study {cfg.study} was started with other settings ({', '.join(diff)}): "
+                             f"{json.dumps({k: saved.get(k) for k in diff})}; give the same ones, or another --study")
+        if saved is not None or not create:
+            return study
+    study.set_user_attr("tuner", identity(cfg))
+    defaults = {n: getattr(cfg.base, n) for n in cfg.space}
+    if not cfg.no_defaults_first and all(defaults[n] in p.choices if p.choices else p.low <= defaults[n] <= p.high
+                                         for n, p in cfg.space.items()):
+        study.enqueue_trial(defaults)
     return study
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    opts, script_flags = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = make_config(opts, script_flags)
-        os.makedirs(os.path.join(cfg.study_dir, "logs"), exist_ok=True)
-        import optuna
+def storage_error(e: Exception) -> str | None:
+    """One line for what a user or the machine can cause when opening a storage; None for a bug."""
+    import sqlalchemy.exc
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = open_study(opts, cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if isinstance(e, ImportError):
+        return "--storage: this URL's database driver is missing: pip install -r benchmark/requirements.txt"
+    if isinstance(e, sqlalchemy.exc.ArgumentError):
+        return f"--storage: not a database URL ({str(e).splitlines()[0]}); e.g. postgresql://user@host/db"
+    if isinstance(e, sqlalchemy.exc.DBAPIError):
+        return f"--storage: cannot open the database: {str(e.orig).strip().splitlines()[0]}"
+    return f"cannot write the study's files: {e}" if isinstance(e, OSError) else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    if optuna is None:
+        print("error: the tuner needs optuna, pandas and matplotlib: pip install -r benchmark/requirements.txt",
+              file=sys.stderr)
         return 2
-    held = len(study.get_trials(deepcopy=False))
-    print(f"study {study.study_name} in {cfg.study_dir} ({held} trials so far): "
-          + (f"{cfg.trials} trials, {cfg.workers} at a time here, seeds {cfg.seeds}, searching "
-             f"{', '.join(cfg.space) or 'nothing'}" if cfg.trials else "the summary only"), flush=True)
-
-    tuner = Tuner(cfg, study)
-    received = []
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    cfg, new = parse_args(sys.argv[1:] if argv is None else argv), False
+    try:
+        cfg = make_config(*cfg)
+        if cfg.trials == 0:  # the summary only: nothing is created or written
+            if "://" not in cfg.storage and not os.path.isfile(cfg.storage):
+                raise ValueError(f"no study at {cfg.storage}: nothing to summarize")
+            print(summarize(open_study(cfg, create=False), cfg), flush=True)
+            return 0
+        new = not os.path.exists(cfg.study_dir)
+        os.makedirs(os.path.join(cfg.study_dir, "logs"), exist_ok=True)
+        tempfile.TemporaryFile(dir=cfg.study_dir).close()  # writable, even for root
+        study = open_study(cfg)
+    except Exception as e:  # noqa: BLE001  (bad input; a storage or a folder that cannot be used)
+        if (message := str(e) if isinstance(e, ValueError) else storage_error(e)) is None:
+            raise
+        if new:  # leave nothing behind
+            shutil.rmtree(cfg.study_dir, ignore_errors=True)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    print(f"study {cfg.study} in {cfg.storage} ({len(study.trials)} trials so far): {cfg.trials} trials, {cfg.workers} "
+          f"at a time here, runs {'; '.join(' '.join(r) for r in cfg.runs)}, searching {', '.join(cfg.space) or 'nothing'}",
+          flush=True)
+    tuner, received, code = Tuner(cfg, study), [], 0
 
     def on_signal(signum, frame):
-        if received:  # a second Ctrl-C: stop at once; the running trials are failed at the next start
+        if received:  # a second Ctrl-C: at once; the running trials turn stale and are retried
             for proc in list(tuner.procs):
                 proc.kill()
             os._exit(128 + signum)
@@ -724,27 +597,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         tuner.interrupt()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    threads = [threading.Thread(target=tuner.worker_loop, daemon=True) for _ in range(cfg.workers)]
-    threading.Thread(target=tuner.heartbeat, daemon=True).start()
     try:
-        for t in threads:
-            t.start()
-        while any(t.is_alive() for t in threads):
-            for t in threads:
-                t.join(timeout=0.2)
+        tuner.run()
+    except Exception as e:  # noqa: BLE001
+        if tuner.taken_over is None and tuner.write_error is None and not isinstance(e, OSError):
+            raise
+        print(f"error: trial {tuner.taken_over} was failed by another worker, as this one was silent for more than "
+              f"--stale-after {cfg.stale_after} s (paused?): it stops" if tuner.taken_over is not None else
+              f"error: cannot write the study ({tuner.write_error or e}): free space and run the same command again",
+              file=sys.stderr)
+        code = 1
     finally:
-        tuner.stop.set()
         for s, handler in old.items():
             signal.signal(s, handler)
-    print(write_summary(study, cfg), flush=True)
-    print(f"written: {os.path.join(cfg.study_dir, 'summary.md')}", flush=True)
-    if received:
-        return 128 + received[0]
+    try:
+        print(write_summary(study, cfg), f"\nwritten: {os.path.join(cfg.study_dir, 'summary.md')}", flush=True)
+    except OSError as e:
+        print(f"error: cannot write the summary in {cfg.study_dir} ({e})", file=sys.stderr)
+        code = code or 1
     if tuner.failures >= cfg.max_failures:
-        print(f"error: stopped after {tuner.failures} failed trials (see {os.path.join(cfg.study_dir, 'logs')})",
+        print(f"error: stopped after {tuner.failures} failed trials (logs: {os.path.join(cfg.study_dir, 'logs')})",
               file=sys.stderr)
-        return 1
-    return 0
+    return 128 + received[0] if received else 1 if tuner.failures >= cfg.max_failures else code
 
 
 if __name__ == "__main__":
