@@ -427,8 +427,8 @@ def script_args(module, flags: list[str]):
 
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         with contextlib.suppress(SystemExit):
-            return tyro.cli(module.Args, args=flags)
-    names = {f.replace("_", "-") for f in module.Args.__dataclass_fields__}
+            return tyro.cli(module.RunArgs, args=flags)
+    names = {f.replace("_", "-") for f in module.RunArgs.__dataclass_fields__}
     unknown = [t for t in flags if t.startswith("--") and not {t[2:].split("=")[0], t[5:].split("=")[0]} & names]
     raise ValueError(f"{module.__name__}.py has no flag {unknown[0]}" if unknown else
                      f"{module.__name__}.py refuses {shlex.join(flags)} (python {module.__name__}.py --help)")
@@ -452,7 +452,7 @@ def make_config(cfg, flags: list[str]):
     base, specs = script_args(module, flags), dict(SPACE)
     for item in cfg.space:
         name, sep, spec = item.partition("=")
-        if not sep or name not in {*module.Args.__dataclass_fields__, "minibatch_size"} - RESERVED:
+        if not sep or name not in {*module.RunArgs.__dataclass_fields__, "minibatch_size"} - RESERVED:
             raise ValueError(f"--space {item}: expected NAME=SPEC with NAME a hyperparameter of {cfg.script}.py")
         specs[name] = spec
     cfg.space, cfg.fixed_flags = {}, list(flags)
@@ -465,12 +465,12 @@ def make_config(cfg, flags: list[str]):
         else:
             cfg.fixed_flags += param_flags({name: value}, base)
     cfg.base = base = script_args(module, cfg.fixed_flags)
-    if error := module.check_args(base) or module.check_env(base.env_id):
+    if error := base.check() or module.check_env(base.env_id):
         raise ValueError(f"{cfg.script}.py: {error}")
     for name, p in cfg.space.items():  # the ends of each range, and a value between, as the script takes them
         for value in p.choices or (p.low, p.high, p.low if p.kind == "int" else p.low + (p.high - p.low) / 3):
             try:
-                error = module.check_args(script_args(module, cfg.fixed_flags + param_flags({name: value}, base)))
+                error = script_args(module, cfg.fixed_flags + param_flags({name: value}, base)).check()
             except ValueError:
                 error = "not a value of its type"
             if error:
