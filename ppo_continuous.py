@@ -3,11 +3,11 @@ r"""PPO for continuous actions, in one file: LunarLanderContinuous-v3 by default
 Usage
     python ppo_continuous.py --total-timesteps 2000000        # train, checkpoint, then evaluate
     python ppo_continuous.py --env-id Pendulum-v1 --num-envs 4 --num-steps 1024 --num-minibatches 16 \
-        --update-epochs 10 --learning-rate 1e-3 --gamma 0.97 --gae-lambda 0.95 \
-        --total-timesteps 200000                                 # about -160 (a good swing-up)
+        --update-epochs 10 --learning-rate 1e-3 --gamma 0.97 --gae-lambda 0.95 --total-timesteps 200000
     python ppo_continuous.py --eval-checkpoint runs/RUN/checkpoint.pt --capture-video
     python ppo_continuous.py --resume runs/RUN/checkpoint.pt  # continue an interrupted run
     python ppo_continuous.py --help                          # every flag, with its meaning
+    (tools/ watches a trained policy in a window, exports it to ONNX, makes GIFs.)
 
 Words used below
     iteration    collect a rollout of num_steps steps in each of num_envs envs (one batch),
@@ -16,98 +16,73 @@ Words used below
     minibatch    batch_size // num_minibatches transitions: one gradient step
     global_step  environment steps taken so far, counted over all envs
 
-Reading guide. To learn PPO, read sections 1-7 in order; nothing in them refers to anything
-defined later, and nothing in them is there for anything but PPO.
-    1 Hyperparameters   Args: the algorithm's flags, their checks, derived sizes
-    2 Environment       make_env, make_vector_env (the autoreset mode matters), env_shapes
-    3 Agent             layer_init, RunningMeanStd, Agent: a Gaussian actor and a critic
-    4 Advantages        compute_gae
-    5 PPO loss          ppo_loss
-    6 One iteration     collect_rollout -> RewardScaler -> make_batch -> update (a
-                        gradient_step per minibatch)
-    7 Training          evaluate, then train(): the loop of the PPO paper's Algorithm 1
-    8 The harness       run-control flags, progress lines, evaluations, checkpoint files,
-                        signals, resume, the compiled gradient step, main(): what makes it a
-                        tool; a reader learning PPO can stop before it
-The twin, ppo_discrete.py, has a categorical policy and no normalization. Here the Gaussian
-policy and observation normalization live in the Agent (section 3), actions are clipped by the
-env wrapper (section 2), and rewards are scaled by RewardScaler (section 6). Every function
-both files define is the same text, apart from a short list that differs because the action
-space does (tests/test_twins.py).
+Reading guide. To learn PPO, read sections 1-7 in order: 1 Args (the flags), 2 the env (actions
+clipped by a wrapper), 3 the Agent (a Gaussian policy that normalizes its observations), 4
+compute_gae, 5 ppo_loss, 6 one iteration (collect_rollout -> RewardScaler -> make_batch ->
+update, a gradient_step per minibatch), 7 evaluate, what is logged, and train(), the PPO paper's
+Algorithm 1. Nothing in them uses anything defined later; nothing after them (8, the harness:
+run folder, checkpoints, Ctrl-C, resume, main) changes what is learned. The twin,
+ppo_discrete.py, has a categorical policy and no normalization; the functions both define are
+the same text but for a short list (tests/test_twins.py).
 
 References: Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (arXiv:1707.06347);
 Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE" (arXiv:1506.02438);
 Huang et al. 2022, "The 37 Implementation Details of PPO" (ICLR blog track), cited as [37-n]
 for its 13 core details and [37-cn] for its 9 continuous-action details.
 """
-
 import os
 import signal
 
-if __name__ == "__main__":  # Ctrl-C during the imports below exits at once: raised as KeyboardInterrupt
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))  # it could land in native code
+if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds) exits quietly
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
-import errno  # noqa: E402 (the imports after the handler)
-import importlib.util
-import io
+import io  # noqa: E402 (after the handler)
 import json
 import math
 import random
-import re
 import shutil
 import sys
-import tempfile
-import threading
 import time
-import typing
-import warnings
-import zipfile
 from collections import deque
 from dataclasses import asdict, dataclass, fields, replace
 from typing import NamedTuple, Optional
 
-try:  # these take a second or two: Ctrl-C meanwhile exits quietly, like Ctrl-C anywhere else
-    import gymnasium as gym
-    import numpy as np
-    import torch
-    import torch.nn as nn
-except KeyboardInterrupt:
-    sys.exit(130)
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
 
 SCRIPT = "ppo_continuous"
-CHECKPOINT_FORMAT = 3
 
 
 # 1. Hyperparameters ------------------------------------------------------------------------------
 @dataclass
 class Args:
-    """The algorithm's flags (run control has its own, in section 8). CleanRL's MuJoCo-tuned
-    defaults are replaced by rl-baselines3-zoo's LunarLander ones, without its entropy bonus;
-    each difference says why. Trials: benchmark/RESULTS.md."""
+    """The algorithm's flags. CleanRL's MuJoCo-tuned defaults are replaced by rl-baselines3-zoo's
+    LunarLander ones, without its entropy bonus; each difference says why (trials: benchmark/RESULTS.md).
+    The zoo keeps the learning rate constant and does not normalize; the annealing is CleanRL's."""
 
     env_id: str = "LunarLanderContinuous-v3"  # Gymnasium id of an env with a Box action space and a flat Box observation
     seed: int = 1  # seed of torch, numpy, random and the training envs (env i gets seed + i)
     torch_deterministic: bool = True  # set torch.backends.cudnn.deterministic (only cuDNN kernels on a GPU care)
     cuda: bool = False  # train on the GPU (CleanRL's default is on; 64-wide MLPs train faster on the CPU)
     total_timesteps: int = 2_000_000  # environment steps to train for, over all envs
-    # As CleanRL and the zoo; annealed to learning_rate / num_iterations, which settles the landing late.
+    # As CleanRL. Annealed to learning_rate / num_iterations at the end: late landings settle.
     learning_rate: float = 3e-4  # Adam learning rate at the start (annealed linearly towards 0 with --anneal-lr)
     # CleanRL: 1 x 2048. 16 envs: a 16-row forward costs about what a 1-row one does. Longer
     # rollouts: a batch of 16384 steps spans many of Lunar Lander's episodes (up to 1000 steps).
     num_envs: int = 16  # parallel envs in the (synchronous) vector env
     num_steps: int = 1024  # steps per env in each rollout
     anneal_lr: bool = True  # anneal the learning rate linearly towards 0 over training [37-4]
-    # CleanRL: 0.99 and 0.95. Landing pays its +100 hundreds of steps after the approach
-    # began: a longer horizon (1 / (1 - gamma) = 1000 steps) sees it.
+    # CleanRL: 0.99, 0.95. Landing pays +100 hundreds of steps after the approach: 1 / (1 - gamma) sees it.
     gamma: float = 0.999  # discount factor
     gae_lambda: float = 0.98  # lambda of Generalized Advantage Estimation
-    # CleanRL: 32 x 10 epochs. Minibatches of 64 and 4 epochs as the zoo: one gradient step
-    # per 16 samples; CleanRL's 10 epochs would cost 2.5 times the update time.
+    # CleanRL: 32 x 10 epochs. Minibatches of 64 and 4 epochs as the zoo: 10 cost 2.5x the update time.
     num_minibatches: int = 256  # minibatches per epoch
     update_epochs: int = 4  # passes over each batch
     norm_adv: bool = True  # normalize advantages within each minibatch [37-7]
     clip_coef: float = 0.2  # surrogate clipping coefficient epsilon (also the value clip range with --clip-vloss)
-    # CleanRL: on. Value clipping did not help, or hurt, in Andrychowicz et al. 2021 (sec. 3.2).
+    # CleanRL: on. It did not help, or hurt, in Andrychowicz et al. 2021 (sec. 3.2).
     clip_vloss: bool = False  # clip the value loss around the old values [37-9]
     # As CleanRL: 0. A bonus of 0.01 kept the Gaussian wide and the landings erratic: 201 +/- 92
     # against 256 +/- 30 without, at 16 x 256 steps, minibatches of 128, seed 1 (RESULTS.md).
@@ -119,11 +94,14 @@ class Args:
     log_std_init: float = 0.0  # initial log standard deviation of the Gaussian policy (0: std 1)
     norm_obs: bool = True  # normalize observations by their running mean and std, clipped to [-10, 10] [37-c6,c7]
     norm_reward: bool = True  # scale rewards by the running std of the discounted return, clipped to [-10, 10] [37-c8,c9]
+    # torch.compile of gradient_step itself (LeanRL's way): the same text, faster once compiled.
+    compile: bool = True  # torch.compile gradient_step where it pays (see compiles()); needs a C++ compiler
 
     # Derived sizes: computed, never flags (CleanRL overwrites such flags silently).
     batch_size = property(lambda self: self.num_envs * self.num_steps)
     minibatch_size = property(lambda self: self.batch_size // self.num_minibatches)
     num_iterations = property(lambda self: self.total_timesteps // self.batch_size)
+    device = property(lambda self: torch.device("cuda" if self.cuda else "cpu"))
 
     def check(self) -> Optional[str]:
         """The first flag that cannot train, as one line saying what to do; None if all can."""
@@ -151,17 +129,16 @@ class Args:
 
 
 # 2. Environment ----------------------------------------------------------------------------------
-def make_env(env_id: str, video_dir: Optional[str] = None, video_trigger=None, render_mode: Optional[str] = None):
-    """A thunk that builds one env; `video_dir` records its episodes as mp4."""
+def make_env(env_id: str, video_dir: Optional[str] = None, video_trigger=None):
+    """A thunk that builds one env; `video_dir` records its episodes as mp4 (by default episodes
+    0, 1, 8, 27, ..., 1000, 2000, ...)."""
 
     def thunk():
         # A render mode only when one is needed: an env that cannot render need not accept it.
-        mode = "rgb_array" if video_dir is not None else render_mode
-        env = gym.make(env_id, render_mode=mode) if mode else gym.make(env_id)
+        env = gym.make(env_id, render_mode="rgb_array") if video_dir else gym.make(env_id)
         if video_dir is not None:
-            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=video_trigger,
-                                           disable_logger=True)
-        # The env clips actions to its bounds: the unclipped sample is what is stored and scored [37-c5].
+            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=video_trigger, disable_logger=True)
+        # The wrapper clips actions to the bounds: the unclipped sample is what is stored and scored [37-c5].
         env = gym.wrappers.ClipAction(env)
         # Puts the episode's return and length into the info of its last step.
         return gym.wrappers.RecordEpisodeStatistics(env)
@@ -289,8 +266,8 @@ def compute_gae(*, rewards, values, next_values, terminations, dones, gamma, gae
 def ppo_loss(*, newlogprob, oldlogprob, advantages, newvalue, oldvalue, value_targets, entropy,
              clip_coef, vf_coef, ent_coef, clip_vloss):
     """The PPO objective on one minibatch, as a loss to minimise; tensors 1-D over the minibatch,
-    advantages already normalized when that is on. Returns (loss, parts): parts holds pg_loss,
-    v_loss, entropy_loss, approx_kl, old_approx_kl and clipfrac as detached 0-d tensors."""
+    advantages already normalized when that is on. Returns (loss, parts): parts holds its terms
+    and diagnostics as detached 0-d tensors, by CleanRL's TensorBoard names."""
     logratio = newlogprob - oldlogprob
     ratio = logratio.exp()
     # Clipped surrogate (PPO paper, eq. 7): the pessimistic minimum, as the maximum of the negatives
@@ -307,29 +284,23 @@ def ppo_loss(*, newlogprob, oldlogprob, advantages, newvalue, oldvalue, value_ta
     # PPO paper, eq. 9, with the entropy bonus and the value loss weighted
     loss = pg_loss - ent_coef * entropy_loss + vf_coef * v_loss
     with torch.no_grad():
-        parts = {
-            "pg_loss": pg_loss.detach(),
-            "v_loss": v_loss.detach(),
-            "entropy_loss": entropy_loss.detach(),
-            # Two estimators of KL(old || new) [37-12]: Schulman's unbiased, never negative
-            # (r - 1) - log r, and the older naive -log r, logged as old_approx_kl
-            "approx_kl": ((ratio - 1.0) - logratio).mean(),
-            "old_approx_kl": (-logratio).mean(),
-            "clipfrac": ((ratio - 1.0).abs() > clip_coef).float().mean(),
-        }
+        parts = {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "entropy": entropy_loss.detach(),
+                 # Two estimators of KL(old || new) [37-12]: Schulman's unbiased, never negative
+                 # (r - 1) - log r, and the older naive -log r, logged as old_approx_kl
+                 "approx_kl": ((ratio - 1.0) - logratio).mean(), "old_approx_kl": (-logratio).mean(),
+                 "clipfrac": ((ratio - 1.0).abs() > clip_coef).float().mean()}
     return loss, parts
 
 
 # 6. One iteration: collect a rollout, turn it into a batch, update the agent on it ---------------
 class Rollout(NamedTuple):
-    """One rollout: numpy arrays (T, N, ...), refilled each iteration (a row per step is cheaper
-    to write in numpy than in torch)."""
+    """One rollout: numpy arrays (T, N, ...), refilled each iteration (rows are cheap to write in numpy)."""
     obs: np.ndarray           # s_t, what the agent acted on
     actions: np.ndarray       # a_t
     rewards: np.ndarray       # r_t, received after a_t
     next_obs: np.ndarray      # the true s_t+1: an ended episode's final observation, not the reset one
     terminations: np.ndarray  # 1 if s_t+1 is terminal (the episode ended in the env's own terms)
-    truncations: np.ndarray   # 1 if a time limit cut the episode at s_t+1, which is not terminal
+    truncations: np.ndarray   # 1 if a time limit cut the episode at s_t+1 (both flags can be 1: then it is terminal)
 
 
 def new_rollout(num_steps: int, num_envs: int, obs_dim: int, action_shape: tuple, action_dtype) -> Rollout:
@@ -342,6 +313,7 @@ class Episode(NamedTuple):
     global_step: int  # when it ended
     episode_return: float  # undiscounted sum of its rewards
     length: int
+    truncated: bool  # cut by a time limit, not terminal
 
 
 def collect_rollout(*, envs, agent: nn.Module, obs: np.ndarray, rollout: Rollout,
@@ -370,7 +342,7 @@ def collect_rollout(*, envs, agent: nn.Module, obs: np.ndarray, rollout: Rollout
                 stats = infos["final_info"]["episode"]
                 for i in np.flatnonzero(infos["final_info"]["_episode"]):
                     episodes.append(Episode(global_step + (step + 1) * num_envs, float(stats["r"][i]),
-                                            int(stats["l"][i])))
+                                            int(stats["l"][i]), bool(truncated[i] and not terminated[i])))
     return obs, episodes
 
 
@@ -444,8 +416,8 @@ def gradient_step(*, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Bat
 
 def update(*, agent: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, args: Args,
            step_fn=gradient_step) -> dict[str, float]:
-    """Phase 3: update_epochs passes over the batch in shuffled minibatches, a step_fn (gradient_step,
-    or a faster equivalent) each. Returns ppo_loss's parts, averaged over this iteration's steps."""
+    """Phase 3: update_epochs passes over the batch in shuffled minibatches, a step_fn each
+    (gradient_step, or torch.compile of it). Returns ppo_loss's parts, averaged over the steps."""
     parts_per_step = []
     for epoch in range(args.update_epochs):
         # A new order each epoch: every transition lands in exactly one minibatch.
@@ -488,1180 +460,334 @@ def make_agent_and_optimizer(args: Args) -> tuple[Agent, torch.optim.Optimizer]:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    agent = Agent(*env_shapes(args.env_id), args.hidden_size, args.norm_obs, args.log_std_init)
-    agent.to(torch.device("cuda" if args.cuda else "cpu"))
-    return agent, torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=True)  # eps: [37-3]
+    agent = Agent(*env_shapes(args.env_id), args.hidden_size, args.norm_obs, args.log_std_init).to(args.device)
+    # eps: [37-3]. fused: one kernel for all parameters. The learning rate is a tensor that the
+    # schedule changes in place, so a compiled gradient_step is not recompiled for each new value.
+    lr = torch.tensor(args.learning_rate, device=args.device)
+    return agent, torch.optim.Adam(agent.parameters(), lr=lr, eps=1e-5, fused=True)
 
 
-def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None, global_step: int = 0,
-          step_fn=None, after_iteration=None, reward_scaler: Optional[RewardScaler] = None) -> int:
-    """PPO (the paper's Algorithm 1) from global_step (0, or a resumed run's) for the whole batches
-    that fit in total_timesteps; returns the step reached. envs: by default num_envs of env_id.
-    after_iteration(global_step=, episodes=, losses=, batch=, learning_rate=) runs after each
-    iteration, True stops: the harness's logging, progress, evaluations, checkpoints, Ctrl-C.
-    reward_scaler: a resumed run's, else a new one."""
-    envs = envs or make_vector_env([make_env(args.env_id) for _ in range(args.num_envs)])
-    last_step = global_step + (args.total_timesteps - global_step) // args.batch_size * args.batch_size
-    # Env i starts from seed + i; a resumed run starts its new episodes from fresh seeds.
-    obs, _ = envs.reset(seed=args.seed + global_step // args.num_steps)
-    rollout = new_rollout(args.num_steps, args.num_envs, envs.single_observation_space.shape[0],
-                          envs.single_action_space.shape, np.float32)
-    scale_rewards = RewardScaler(args.num_envs, args.gamma) if reward_scaler is None else reward_scaler
-    while global_step < last_step:
-        # Linear annealing [37-4], down to learning_rate * batch_size / last_step in the last iteration
-        lr = args.learning_rate * (1.0 - global_step / last_step if args.anneal_lr else 1.0)
-        optimizer.param_groups[0]["lr"] = lr
-        obs, episodes = collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout, global_step=global_step)
-        dones = np.maximum(rollout.terminations, rollout.truncations)
-        rewards = scale_rewards(rollout.rewards, dones) if args.norm_reward else rollout.rewards
-        batch = make_batch(agent=agent, rollout=rollout, rewards=rewards, gamma=args.gamma,
-                           gae_lambda=args.gae_lambda)
-        losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args, step_fn=step_fn or gradient_step)
-        # The statistics move only between iterations: rollout, old log-probs and update share them.
-        if args.norm_obs:
-            agent.obs_rms.update(batch.obs)
-        global_step += args.batch_size
-        if after_iteration is not None and after_iteration(global_step=global_step, episodes=episodes,
-                                                           losses=losses, batch=batch, learning_rate=lr):
-            break
-    envs.close()
-    return global_step
-
-
-# 8. The harness ---------------------------------------------------------------------------------
-# Run-control flags, progress lines, evaluations, checkpoint files, signals, resume, the compiled
-# gradient step, the command line. Nothing below changes what is learned: a reader learning PPO
-# can stop here.
-
-# Flags that --resume and --eval-checkpoint always take from the command line, never from the
-# checkpoint: where to run and what to do. Every other flag comes from the checkpoint unless given.
-FROM_COMMAND_LINE = {"cuda", "resume", "eval_checkpoint", "render", "export"}
-PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-class RunError(Exception):
-    """Something the user can fix or must know, as one line: main() prints it and exits."""
-
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
-
-
-class Diverged(Exception):
-    """A non-finite loss or weight: training cannot go on."""
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-@dataclass
-class RunArgs(Args):
-    """Every flag: the algorithm's (Args), then these, which never change what is learned."""
-
-    exp_name: str = SCRIPT  # name of the experiment: part of the run directory's name
-    runs_dir: str = "runs"  # folder that holds one sub-folder per run (TensorBoard logs, checkpoints, videos)
-    capture_video: bool = False  # record mp4 videos of env 0 during training and of the evaluation episodes
-    # On by default for long runs: a compiled gradient step costs about a quarter of an eager one
-    # on a CPU, and compiling (about 16 s from nothing, once per process) pays back after about
-    # 20,000 gradient steps (benchmark/RESULTS.md). Shorter runs train eagerly unless it is given.
-    compile: bool = True  # compile the gradient step in runs of 20,000+ gradient steps, or whenever given (needs g++)
-    eval_episodes: int = 100  # episodes of the deterministic evaluation at the end (and of --eval-checkpoint)
-    eval_every: int = 0  # evaluate every N iterations during training, keep the best policy as best.pt (0: off)
-    periodic_eval_episodes: int = 20  # episodes of each periodic evaluation (--eval-every)
-    checkpoint_every: int = 50  # write checkpoint.pt every N iterations (it is also written at the end and on Ctrl-C)
-    checkpoint_seconds: float = 60.0  # also write checkpoint.pt this many seconds after the last (0: off): a kill -9 loses less
-    print_every: float = 5.0  # seconds between progress lines
-    target_return: Optional[float] = None  # stop once a periodic evaluation's mean reaches this (evaluates every 1/40 of the run if --eval-every is 0)
-    resume: Optional[str] = None  # checkpoint.pt of a run to continue in its own run directory
-    eval_checkpoint: Optional[str] = None  # evaluate this checkpoint with the deterministic policy, and do not train
-    render: bool = False  # with --eval-checkpoint: play the policy in a window instead (5 episodes unless --eval-episodes)
-    export: Optional[str] = None  # with --eval-checkpoint: write the deterministic policy to this ONNX file, checked
-
-    def check(self) -> Optional[str]:
-        """The first thing wrong with the flags, as one line saying what to do, or None."""
-        if error := super().check():
-            return error
-        for name in ("eval_episodes", "periodic_eval_episodes", "checkpoint_every"):
-            if getattr(self, name) <= 0:
-                return f"{flag(name)} must be positive, got {getattr(self, name)}"
-        for name in ("eval_every", "checkpoint_seconds", "print_every"):
-            if getattr(self, name) < 0:
-                return f"{flag(name)} must be 0 or more, got {getattr(self, name)}"
-        if not PLAIN_NAME.fullmatch(self.exp_name):
-            return (f"--exp-name must be a plain name (letters, digits, '.', '_', '-'; not starting with "
-                    f"'.' or '-'), got {self.exp_name!r}")
-        if self.resume and self.eval_checkpoint:
-            return "give --resume or --eval-checkpoint, not both"
-        if (self.render or self.export) and not self.eval_checkpoint:
-            return f"--{'render' if self.render else 'export'} works on a trained policy: add --eval-checkpoint PATH"
-        if self.render and self.export:
-            return "give --render or --export, not both"
-        if self.cuda and not torch.cuda.is_available():
-            return "--cuda was given but torch sees no CUDA device: drop --cuda"
-        return None
-
-
-class Progress(NamedTuple):
-    global_step: int = 0
-    iteration: int = 0
-    best_eval: float = -math.inf  # best mean of the periodic evaluations so far
-    target_reached: Optional[tuple[int, float]] = None  # (step, seconds of training) of --target-return
-
-
-def final_step(args: Args, global_step: int = 0) -> int:
-    """Where a run that is at global_step ends: the last whole batch within total_timesteps."""
+def final_step(args: Args, global_step: int = 0) -> int:  # after the last whole batch within total_timesteps
     return global_step + (args.total_timesteps - global_step) // args.batch_size * args.batch_size
 
 
-def eval_seed(args: Args) -> int:
-    return args.seed + 1_000_000  # far from the training envs' seeds (seed + i)
+def learning_rate_at(args: Args, global_step: int, last_step: int) -> float:
+    """Linear annealing [37-4]: learning_rate at 0, learning_rate * batch_size / last_step at the end."""
+    return args.learning_rate * (1.0 - global_step / last_step if args.anneal_lr else 1.0)
 
 
-def capped_cubic(episode_id: int) -> bool:
-    """Which training episodes to film: 0, 1, 8, 27, ..., 729, then every 1000th (CleanRL's)."""
-    return round(episode_id ** (1 / 3)) ** 3 == episode_id if episode_id < 1000 else episode_id % 1000 == 0
+COMPILE_MIN_STEPS = 60_000  # compiling (~20 s) is won back after about this many gradient steps (RESULTS.md)
 
 
-def make_training_envs(args: RunArgs, run_dir: str, global_step: int) -> gym.vector.SyncVectorEnv:
-    # A resumed run records into its own folder: the episode numbers start again from 0.
-    video_name = "train" if global_step == 0 else f"train_from_step_{global_step}"
-    video_dir = os.path.join(run_dir, "videos", video_name) if args.capture_video else None
-    return make_vector_env(
-        [make_env(args.env_id, video_dir if i == 0 else None, capped_cubic) for i in range(args.num_envs)])
+def compiles(args: Args) -> bool:
+    """Whether train() compiles gradient_step: only where it pays."""
+    return args.compile and args.num_iterations * args.update_epochs * args.num_minibatches >= COMPILE_MIN_STEPS
 
 
-def make_writer(args: RunArgs, run_dir: str, global_step: int):
-    """A TensorBoard writer for run_dir; on resume it drops what an interrupted run logged after
-    its checkpoint (steps > global_step)."""
-    from torch.utils.tensorboard import SummaryWriter  # imported here: it is slow to import
-
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if global_step else None)
-    if global_step == 0:
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{k}|{v}|" for k, v in asdict(args).items()))
-    return writer
-
-
-def check_env(env_id: str) -> Optional[str]:
-    """Whether env_id can be trained by this script: None, or a one-line error."""
-    try:
-        env = gym.make(env_id)
-    except Exception as e:  # unknown id, a missing package (box2d, jax, ...), bad version, a bug in the env
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return f"cannot make env {env_id!r} ({reason}): pick an id from gymnasium.envs.registry"
-    try:
-        obs_space, space = env.observation_space, env.action_space
-        if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-            return f"{env_id} observations are not a flat Box (got {obs_space}): neither script takes them"
-        if isinstance(space, gym.spaces.Discrete):
-            if space.start != 0:
-                return f"{env_id} numbers its discrete actions from {space.start}: neither script takes them"
-            return f"{env_id} has a discrete action space: use ppo_discrete.py"
-        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-            return f"{env_id} has a {space} action space: this script needs a flat Box"
-    finally:
-        env.close()
-    return None
-
-
-def available_memory() -> Optional[int]:
-    """Bytes of memory available now (Linux's MemAvailable, else all physical memory), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        try:
-            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (AttributeError, ValueError, OSError):
-            return None
-
-
-def check_memory(args: Args, obs_dim: int, action_size: int) -> Optional[str]:
-    """A rough upper estimate of what training holds at once, against the memory available."""
-    params = 2 * (obs_dim * args.hidden_size + args.hidden_size ** 2) + args.hidden_size * (action_size + 1)
-    network = params * 4 * 4  # weights, gradients and Adam's two moments, float32
-    # Per transition: the rollout (obs and next obs, in numpy and as a shuffled copy), the other
-    # fields, and the hidden activations of the batched passes that build the batch.
-    per_step = 4 * (4 * obs_dim + 3 * action_size + 16) + 4 * 6 * args.hidden_size
-    # Each env of the vector env, with its wrappers: BipedalWalker-v3, the heaviest of
-    # benchmark/envs.py, held 376 KiB per env in 1,000 (LunarLander-v3 111 KiB, the classic-control
-    # envs 5-7 KiB; resident memory, 2026-12-01).
-    per_env = 400 * 1024
-    need, available = network + per_step * args.batch_size + per_env * args.num_envs, available_memory()
-    if available is not None and need > 0.8 * available:
-        return (f"{args.num_envs:,} envs, a batch of {args.batch_size:,} steps and hidden layers of {args.hidden_size} "
-                f"need about {need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available: lower "
-                "--num-envs, --num-steps or --hidden-size")
-    return None
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
-
-
-def get_rng_state() -> dict:
-    # Plain tensors, lists and numbers only, so that torch.load(weights_only=True) accepts it.
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "python": list(random.getstate()[1]), "python_gauss": random.getstate()[2],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# What a checkpoint holds: the entries each mode needs, checked when it is read.
-ACTION_SIZE = "action_dim"  # the checkpoint entry that holds the size of the action space
-EVAL_ENTRIES = {"args": dict, "obs_dim": int, ACTION_SIZE: int, "model": dict, "global_step": int}
-RESUME_ENTRIES = {**EVAL_ENTRIES, "optimizer": dict, "rng": dict, "iteration": int, "best_eval": float,
-                  "resumable": bool}
-
-TEMP_FILES: set[str] = set()  # written right now; a second Ctrl-C removes them before it exits
-# The temp files write_atomically makes in a run directory (mkstemp adds 8 characters): a kill -9
-# during a write leaves one, which the next --resume of the run removes.
-STALE_TEMP_FILE = re.compile(r"(checkpoint\.pt|best\.pt|evaluation\.json)\.[A-Za-z0-9_]{8}\.tmp")
-
-
-def current_umask() -> int:
-    """The process's umask, read without changing it (Linux); else set and restored at once."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-def remove_stale_temp_files(run_dir: str) -> list[str]:
-    """Remove the temp files a killed process left in run_dir (call it holding the run's lock)."""
-    removed = []
-    for name in os.listdir(run_dir):
-        if STALE_TEMP_FILE.fullmatch(name):
-            try:
-                os.remove(os.path.join(run_dir, name))
-                removed.append(name)
-            except OSError:
-                pass
-    return removed
-
-
-def write_atomically(path: str, write) -> None:
-    """write(file) into a new temp file beside path, flushed to disk, then renamed over path.
-
-    The temp file is created exclusively under a fresh name and the rename replaces a symlink
-    rather than following it, so nothing is ever written through a link planted in the run
-    directory. If anything fails, path is untouched and the temp file removed."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
-    TEMP_FILES.add(tmp)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 600 would hide the run from its group
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        TEMP_FILES.discard(tmp)
-        if os.path.lexists(tmp):
-            os.remove(tmp)
-
-
-def save_checkpoint(path: str, *, agent, optimizer, args: Args, progress: Progress, resumable: bool,
-                    state: Optional[dict] = None) -> None:
-    """resumable: the run's latest state (checkpoint.pt), not a snapshot to evaluate (best.pt);
-    state: training_state()'s modules."""
-    data = {**{name: module.state_dict() for name, module in (state or {}).items()}, "script": SCRIPT, "format": CHECKPOINT_FORMAT, "args": asdict(args), "resumable": resumable,
-            "obs_dim": agent.actor[0].in_features, ACTION_SIZE: agent.actor[-1].out_features, "model": agent.state_dict(),
-            "optimizer": optimizer.state_dict(), "global_step": progress.global_step,
-            "iteration": progress.iteration, "best_eval": float(progress.best_eval), "rng": get_rng_state(),
-            "target_reached": list(progress.target_reached) if progress.target_reached else None}
-    # Serialized in memory first: on a full disk torch.save's zip writer raises RuntimeError (or
-    # worse), while a plain write raises the OSError that says what happened.
-    buffer = io.BytesIO()
-    torch.save(data, buffer)
-    write_atomically(path, lambda f: f.write(buffer.getbuffer()))
-
-
-class CheckpointError(Exception):
-    pass
-
-
-def fits(value, kind) -> bool:
-    """Whether a value read from a file has the type an Args field (or a checkpoint entry) wants."""
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if typing.get_origin(kind) is typing.Union:  # Optional[X]
-        return any(fits(value, k) for k in typing.get_args(kind))
-    return isinstance(value, kind)
-
-
-
-
-def tensors_in(value) -> list[torch.Tensor]:
-    """The tensors held in a nest of dicts, lists and tuples (an optimizer's state)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
-    return [t for item in items for t in tensors_in(item)]
-
-
-def load_checkpoint(path: str, entries: dict = EVAL_ENTRIES) -> dict:
-    """Load and check a checkpoint of this script; CheckpointError says what is wrong."""
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a directory: give the checkpoint file in it (checkpoint.pt or best.pt)")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist: give the path of a checkpoint.pt or best.pt")
-    try:  # torch.save writes a zip of stored entries: what it inflates to is known before loading
-        with zipfile.ZipFile(path) as archive:
-            sizes = [(info.file_size, info.compress_size) for info in archive.infolist()]
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
-                              "it may be truncated or another kind of file; pick another") from None
-    available = available_memory()
-    if any(size > stored for size, stored in sizes):
-        raise CheckpointError(f"{path} declares entries larger than it stores (compressed, which torch.save never "
-                              f"does): it is not a checkpoint of {SCRIPT}.py, and may be built to inflate; pick another")
-    if available is not None and sum(size for size, _ in sizes) > 0.5 * available:
-        raise CheckpointError(f"{path} would take {sum(size for size, _ in sizes) / 2**30:.1f} GiB to load, more than "
-                              f"half of the {available / 2**30:.1f} GiB available: pick another checkpoint")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holds more than tensors
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}): "
-                              "it may be truncated or another kind of file; pick another") from None
-    if not isinstance(data, dict) or data.get("script") != SCRIPT:
-        other = data.get("script") if isinstance(data, dict) else None
-        hint = f" (it comes from {other}.py: use that script)" if isinstance(other, str) else ""
-        raise CheckpointError(f"{path} is not a checkpoint of {SCRIPT}.py{hint}")
-    if data.get("format") == 1:  # before format 2, only the file name told whether it was resumable
-        data["resumable"] = os.path.basename(path) != "best.pt"
-    elif data.get("format") not in (2, CHECKPOINT_FORMAT):
-        raise CheckpointError(f"{path} has checkpoint format {data.get('format')}, "
-                              f"this script reads {CHECKPOINT_FORMAT}, 2 and 1")
-    if data["format"] < 3 and isinstance(data.get("model"), dict):  # the reward scaler's statistics moved
-        data["reward_scaler"] = {k: data["model"].pop(k) for k in list(data["model"]) if k.startswith("return_rms.")}
-    wrong = [k for k, kind in entries.items() if not fits(data.get(k), kind)]
-    wrong += [f"args.{f.name}" for f in fields(RunArgs) if "args" not in wrong and f.name in data["args"]
-              and not fits(data["args"][f.name], f.type)]
-    if "model" not in wrong and not all(isinstance(k, str) and isinstance(v, torch.Tensor) and v.is_floating_point()
-                                        for k, v in data["model"].items()):
-        wrong.append("model")
-    # Training never saves after a non-finite weight (Diverged): NaN or inf in a file is damage.
-    wrong += [f"{k} (non-finite numbers)" for k, v in data.items() if k not in wrong
-              and not all(torch.isfinite(t).all() for t in tensors_in(v))]
-    wrong += [k for k in ("global_step", "iteration") if k in entries and k not in wrong and data[k] < 0]
-    wrong += [k for k in ("obs_dim", ACTION_SIZE) if k not in wrong and data[k] < 1]
-    if "best_eval" in entries and "best_eval" not in wrong and math.isnan(data["best_eval"]):
-        wrong.append("best_eval")
-    reached = data.get("target_reached")  # (step, seconds) where --target-return was reached, or None
-    if reached is not None and not (isinstance(reached, list) and len(reached) == 2 and fits(reached[0], int)
-                                    and fits(reached[1], float)):
-        wrong.append("target_reached")
-    if wrong:
-        raise CheckpointError(f"{path} lacks, or has damaged, {', '.join(wrong)}: it was not written whole "
-                              f"by {SCRIPT}.py; pick another checkpoint")
-    return data
-
-
-def agent_from_checkpoint(data: dict, device="cpu") -> Agent:
-    """The policy a checkpoint holds, normalization statistics included."""
-    agent = Agent(data["obs_dim"], data["action_dim"], data["args"]["hidden_size"], data["args"]["norm_obs"])
-    try:
-        agent.load_state_dict(data["model"])
-    except RuntimeError:  # missing, unexpected or wrongly shaped tensors
-        raise CheckpointError("the checkpoint's weights do not fit the network its own flags describe: "
-                              "the file is damaged; pick another checkpoint") from None
-    return agent.to(device)
-
-
-def restore(agent, optimizer, state: dict, data: dict) -> None:
-    """Load the weights, optimizer state, training_state() and RNG states of a resumable checkpoint."""
-    agent.load_state_dict(data["model"])
-    try:
-        optimizer.load_state_dict(data["optimizer"])
-        for param, moments in optimizer.state.items():  # load_state_dict takes moments of any shape
-            if any(isinstance(t, torch.Tensor) and k != "step" and t.shape != param.shape for k, t in moments.items()):
-                raise ValueError("optimizer state of the wrong shape")
-        for name, module in state.items():
-            module.load_state_dict(data[name])
-        set_rng_state(data["rng"])
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError):
-        raise CheckpointError("the checkpoint's optimizer or RNG state is damaged: it cannot be resumed; "
-                              "evaluate it with --eval-checkpoint, or start a new run") from None
-
-
-def explicit_flags(argv: list[str]) -> set[str]:
-    """Names of the Args fields given on the command line (--flag, --flag=x, --no-flag)."""
-    names = {f.name for f in fields(RunArgs)}
-    given = set()
-    for token in argv:
-        if token.startswith("--"):
-            name = token[2:].split("=")[0].replace("-", "_")
-            given.add(name[3:] if name.startswith("no_") and name[3:] in names else name)
-    return given
-
-
-def args_from_checkpoint(data: dict, cli: RunArgs, given: set[str]) -> RunArgs:
-    """The checkpoint's flags, overridden by the ones given explicitly on this command line."""
-    known = {f.name for f in fields(RunArgs)}
-    merged = {k: v for k, v in data["args"].items() if k in known}
-    merged.update({k: getattr(cli, k) for k in given | FROM_COMMAND_LINE if k in known})
-    env_id = merged.get("env_id", cli.env_id)
-    # gym.make("module:Env") imports that module: a file from elsewhere must not choose code to run.
-    if "env_id" not in given and env_id not in gym.registry:
-        raise CheckpointError(f"the checkpoint names env {env_id!r}, which is not a registered Gymnasium id: "
-                              f"pass --env-id {env_id} yourself if you trust the file")
-    return RunArgs(**merged)
-
-
-def check_shapes(data: dict, args: Args, given: set[str]) -> Optional[str]:
-    obs_dim, action_dim = env_shapes(args.env_id)
-    if (data["obs_dim"], data["action_dim"]) != (obs_dim, action_dim):
-        return (f"the checkpoint was trained for {data['obs_dim']} observations and {data['action_dim']}-D "
-                f"actions, but {args.env_id} has {obs_dim} and {action_dim}: use the env it was trained on")
-    weight = data["model"].get("actor.0.weight")
-    if weight is None or weight.dim() != 2:  # a scalar where the first layer's weights belong
-        return ("the checkpoint's weights do not fit the network its own flags describe: the file is damaged; "
-                "pick another checkpoint")
-    hidden = weight.shape[0]
-    if hidden != args.hidden_size:
-        if "hidden_size" in given:
-            return f"the checkpoint has hidden layers of {hidden}, not {args.hidden_size}: drop --hidden-size"
-        return (f"the checkpoint's weights have hidden layers of {hidden} but its flags say {args.hidden_size}: "
-                "the file is damaged; pick another checkpoint")
-    return None
-
-
-def evaluated(run_dir: str, global_step: int) -> bool:
-    """Whether run_dir's evaluation.json holds the final evaluation of step global_step."""
-    try:
-        with open(os.path.join(run_dir, "evaluation.json")) as f:
-            return json.load(f).get("global_step") == global_step
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def check_resume(data: dict, args: Args, path: str, start: Progress) -> Optional[str]:
-    """Whether the checkpoint can continue: it is a run's latest state, with steps left to train
-    (or, if the run is trained, its final evaluation left to run)."""
-    if not data["resumable"]:
-        return (f"{path} is a snapshot (best.pt or a copy of one), not a run's latest state: resuming it "
-                "would rewind the run. Resume its checkpoint.pt, or evaluate it with --eval-checkpoint")
-    old = data["args"]
-    step, old_batch = data["global_step"], old.get("num_envs", args.num_envs) * old.get("num_steps", args.num_steps)
-    if args.batch_size != old_batch and (args.total_timesteps - step) % args.batch_size:
-        k = max(1, -(-(args.total_timesteps - step) // args.batch_size))  # rounded up
-        return (f"the checkpoint is at step {step:,}; batches of {args.batch_size:,} cannot end exactly at "
-                f"--total-timesteps {args.total_timesteps:,}: give a multiple of the batch beyond it, e.g. "
-                f"--total-timesteps {step + k * args.batch_size}")
-    if final_step(args, step) <= step and evaluated(os.path.dirname(os.path.abspath(path)), step):
-        return (f"this run is finished: it trained to step {step:,} of --total-timesteps "
-                f"{args.total_timesteps:,}. Raise --total-timesteps to train on, or evaluate it with --eval-checkpoint")
-    if start.target_reached and evaluated(os.path.dirname(os.path.abspath(path)), step):
-        return (f"this run is finished: a periodic evaluation reached --target-return {args.target_return} at step "
-                f"{start.target_reached[0]:,}. Give a higher --target-return to train on, or evaluate it with "
-                "--eval-checkpoint")
-    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK):
-        return f"cannot write to the run directory of {path}: make it writable, or copy the run elsewhere"
-    return None
-
-
-def training_state(args: RunArgs) -> dict:
-    """What training keeps besides the agent and the optimizer, by checkpoint entry."""
-    return {"reward_scaler": RewardScaler(args.num_envs, args.gamma)}
-
-
-def new_run_dir(args: RunArgs) -> str:
-    env_name = re.sub(r"[^A-Za-z0-9._-]", "-", args.env_id)  # "ALE/Pong-v5" must not make a subfolder
-    name = f"{env_name}__{args.exp_name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = os.path.abspath(args.runs_dir)
-    while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
-        parent = os.path.dirname(parent)  # the nearest folder that exists: its file system sets the limit
-    try:
-        name_max = os.pathconf(parent, "PC_NAME_MAX")
-    except (AttributeError, ValueError, OSError):
-        name_max = 255
-    if len(os.fsencode(name)) > name_max:  # checked before any folder is made
-        raise OSError(errno.ENAMETOOLONG, f"its name would take {len(os.fsencode(name))} bytes, more than the "
-                      f"{name_max} a file name may have there")
-    os.makedirs(args.runs_dir, exist_ok=True)
-    for n in range(1, 100):  # another run of the same flags started in the same second: a new name, never its folder
-        run_dir = os.path.join(args.runs_dir, name if n == 1 else f"{name}-{n}")
-        try:
-            os.mkdir(run_dir)
-            return run_dir
-        except FileExistsError:
-            continue
-    raise OSError(errno.EEXIST, f"99 runs named {name} exist")
-
-
-def lock_run_dir(run_dir: str):
-    """Hold run_dir/run.lock for the life of this process, or RunError if another process holds
-    it: two processes training one run at once would interleave its checkpoints. The lock goes
-    with the process, kill -9 included. Keep the returned file open; None where there is no flock."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        return None
-    try:
-        lock = open(os.path.join(run_dir, "run.lock"), "a+")
-    except OSError as e:
-        raise RunError(f"cannot write in {run_dir} ({e.strerror or e}): make it writable", code=1) from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        lock.seek(0)
-        pid = lock.read().strip()
-        lock.close()
-        raise RunError(f"another process{f' (pid {pid})' if pid.isdigit() else ''} is training {run_dir} right now: "
-                       "let it finish or stop it, then resume") from None
-    try:  # the holder's pid, for the message above: nice to have, so a full disk does not stop the run here
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
-    except OSError:
-        pass
-    return lock
-
-
-def check_compile_cache() -> Optional[str]:
-    """torch creates Inductor's cache folder the first time the optimizer imports torch._dynamo,
-    compiling or not: a TORCHINDUCTOR_CACHE_DIR it cannot create would be a traceback there."""
-    try:
-        import torch._dynamo  # noqa: F401
-    except OSError as e:
-        where = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "its default cache folder"
-        return (f"torch cannot create its compile cache folder {where} ({e.strerror or e}), which it needs even "
-                "with --no-compile: point TORCHINDUCTOR_CACHE_DIR to a folder you can write")
-    return None
-
-
-def os_error_reason(e: OSError) -> str:
-    """What went wrong, in a few words: the error's strerror, or the cause named in a long message
-    (moviepy's video writer wraps ffmpeg's whole output in one OSError)."""
-    if e.strerror:
-        return e.strerror
-    text = str(e)
-    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
-        if os.strerror(code) in text:
-            return os.strerror(code)
-    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
-
-
-def quiet_thread_errors(hook) -> None:
-    """A threading.excepthook that drops OSError (TensorBoard's writer thread on a full disk: the
-    main thread gets the same error at its next write and says it in one line) and passes the rest on."""
-    if not issubclass(hook.exc_type, OSError):
-        threading.__excepthook__(hook)
-
-
-LOSS_TAGS = {"pg_loss": "losses/policy_loss", "v_loss": "losses/value_loss", "entropy_loss": "losses/entropy",
-             "approx_kl": "losses/approx_kl", "old_approx_kl": "losses/old_approx_kl", "clipfrac": "losses/clipfrac"}
-
-
-def log_iteration(writer, *, global_step: int, episodes: list[Episode], sps: float, losses: dict[str, float],
-                  batch: Batch, learning_rate: float) -> None:
-    """TensorBoard scalars under CleanRL's tags. The x axis counts env steps, so runs of other
-    batch sizes compare on one axis."""
+def log_iteration(writer, *, global_step: int, episodes: list[Episode], losses: dict, batch: Batch,
+                  learning_rate: float, sps: float) -> None:
+    """TensorBoard scalars under CleanRL's tags, against env steps: a new scalar is one more line here."""
     for episode in episodes:
         writer.add_scalar("charts/episodic_return", episode.episode_return, episode.global_step)
         writer.add_scalar("charts/episodic_length", episode.length, episode.global_step)
     writer.add_scalar("charts/learning_rate", learning_rate, global_step)
     writer.add_scalar("charts/SPS", sps, global_step)
     for name, value in losses.items():
-        writer.add_scalar(LOSS_TAGS[name], value, global_step)
+        writer.add_scalar(f"losses/{name}", value, global_step)
     # 1 - Var(targets - values) / Var(targets): 1 is a perfect critic, 0 no better than a constant
-    residual, targets = (batch.value_targets - batch.values).var(), batch.value_targets.var()
-    writer.add_scalar("losses/explained_variance", (1 - residual / targets).item() if targets > 0 else math.nan,
-                      global_step)
+    residual, targets = (batch.value_targets - batch.values).var().item(), batch.value_targets.var().item()
+    writer.add_scalar("losses/explained_variance", 1 - residual / targets if targets > 0 else math.nan, global_step)
 
 
-class Harness:
-    """Run control for a run from the command line, in train()'s after_iteration hook: progress
-    lines, periodic evaluations and best.pt, --target-return, checkpoint files, the divergence
-    check, and a stop after the current iteration on Ctrl-C, SIGTERM or SIGHUP (the signal
-    handler is this object)."""
-
-    def __init__(self, args: RunArgs, run_dir: str, agent: Agent, optimizer: torch.optim.Optimizer, start: Progress,
-                 writer=None, compiling: bool = False, state: Optional[dict] = None):
-        self.args, self.run_dir, self.agent, self.optimizer, self.writer = args, run_dir, agent, optimizer, writer
-        self.compiling, self.state = compiling, state or {}
-        self.signum, self.total, self.progress = 0, final_step(args, start.global_step), start
-        self.start_step, self.recent_returns = start.global_step, deque(maxlen=20)
-        self.start_time = self.last_save = time.perf_counter()
-        self.last_print, self.last_print_step = -math.inf, start.global_step
-        self.saved_step = start.global_step if start.global_step else None
-
-    def __call__(self, signum, frame):
-        if self.signum:  # a second Ctrl-C: leave at once, without a new checkpoint
-            for tmp in list(TEMP_FILES):  # a checkpoint being written: the old one stays intact
-                try:
-                    os.remove(tmp)
-                except OSError:
-                    pass
-            print("\nsecond interrupt: exiting without a new checkpoint", file=sys.stderr)
-            os._exit(128 + signum)
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this iteration, then stopping "
-              "(press Ctrl-C again to quit at once)", file=sys.stderr)
-
-    def after_iteration(self, *, global_step: int, episodes: list, losses: dict[str, float], batch: Batch,
-                        learning_rate: float) -> bool:
-        """train()'s hook: True stops training. Raises Diverged before anything of a non-finite
-        iteration is saved."""
-        if not all(math.isfinite(v) for v in losses.values()):
-            raise Diverged("a non-finite loss")
-        if not all(torch.isfinite(p).all() for p in self.agent.parameters()):
-            raise Diverged("a non-finite weight")
-        args, (_, iteration, best_eval, target_reached) = self.args, self.progress
-        iteration, seconds = iteration + 1, time.perf_counter() - self.start_time
-        sps = (global_step - self.start_step) / seconds
-        log_iteration(self.writer, global_step=global_step, episodes=episodes, sps=sps, losses=losses, batch=batch,
-                      learning_rate=learning_rate)
-        self.recent_returns.extend(episode.episode_return for episode in episodes)
-        self.report(global_step, sps)
-        if args.eval_every and iteration % args.eval_every == 0:
-            eval_returns = evaluate(self.agent, args.env_id, args.periodic_eval_episodes, eval_seed(args),
-                                    next(self.agent.parameters()).device)
-            self.writer.add_scalar("eval/mean_return", eval_returns.mean(), global_step)
-            print(f"eval at step {global_step:,}: {eval_returns.mean():.1f} +/- {eval_returns.std():.1f} "
-                  f"over {len(eval_returns)} episodes", flush=True)
-            if eval_returns.mean() > best_eval:
-                best_eval = float(eval_returns.mean())
-                self.save("best.pt", Progress(global_step, iteration, best_eval))
-            if args.target_return is not None and eval_returns.mean() >= args.target_return:
-                target_reached = (global_step, seconds)
-                self.writer.add_scalar("eval/target_reached_seconds", seconds, global_step)
-        self.progress = Progress(global_step, iteration, best_eval, target_reached)
-        if (iteration % args.checkpoint_every == 0 or global_step == self.total or target_reached or self.signum
-                or 0 < args.checkpoint_seconds <= time.perf_counter() - self.last_save):
-            self.save("checkpoint.pt", self.progress)
-            self.last_save = time.perf_counter()
-        return bool(self.signum or target_reached)  # the learning-rate schedule was not shortened
-
-    def save(self, name: str, progress: Progress) -> None:
-        path = os.path.join(self.run_dir, name)
-        try:
-            save_checkpoint(path, agent=self.agent, optimizer=self.optimizer, args=self.args, progress=progress,
-                            resumable=name == "checkpoint.pt", state=self.state)
-        except OSError as e:
-            raise RunError(f"cannot write {path} ({os_error_reason(e)}) at step {progress.global_step:,}: training "
-                           f"stopped; {self.last_checkpoint()}", code=1) from None
-        if name == "checkpoint.pt":
-            self.saved_step = progress.global_step
-
-    def last_checkpoint(self) -> str:
-        if self.saved_step is None:
-            return "no checkpoint was written before it"
-        return f"{os.path.join(self.run_dir, 'checkpoint.pt')} (step {self.saved_step:,}) is intact"
-
-    def report(self, step: int, sps: float) -> None:
-        now, total, first = time.perf_counter(), self.total, self.last_print == -math.inf
-        if not (first or step >= total or now - self.last_print >= self.args.print_every):
-            return
-        # The ETA goes by the speed since the previous line: the first iteration of a compiled run
-        # holds the compiling, and would overstate the time left for the rest of the run.
-        rate = sps if first else (step - self.last_print_step) / max(now - self.last_print, 1e-9)
-        self.last_print, self.last_print_step = now, step
-        eta = "after compiling" if first and self.compiling else format_seconds((total - step) / max(rate, 1e-9))
-        mean_return = f"{np.mean(self.recent_returns):8.1f}" if self.recent_returns else "     n/a"
-        print(f"step {step:>10,}/{total:,} ({100 * step / total:3.0f}%) | {sps:6,.0f} steps/s | "
-              f"return {mean_return} (last 20 episodes) | ETA {eta}", flush=True)
+def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None, global_step: int = 0,
+          writer=None, after_iteration=None, reward_scaler: Optional[RewardScaler] = None) -> int:
+    """PPO (the paper's Algorithm 1) from global_step (0, or a resumed run's) for the whole batches
+    that fit in total_timesteps; returns the step reached. writer: TensorBoard's, or None.
+    after_iteration(global_step=, episodes=, losses=) returns True to stop (the harness's hook).
+    reward_scaler: a resumed run's, else a new one."""
+    envs = envs or make_vector_env([make_env(args.env_id) for _ in range(args.num_envs)])
+    start_step, start_time, last_step = global_step, time.perf_counter(), final_step(args, global_step)
+    # Env i starts from seed + i; a resumed run starts its new episodes from fresh seeds.
+    obs, _ = envs.reset(seed=args.seed + global_step // args.num_steps)
+    rollout = new_rollout(args.num_steps, args.num_envs, envs.single_observation_space.shape[0],
+                          envs.single_action_space.shape, np.float32)
+    scale_rewards = RewardScaler(args.num_envs, args.gamma) if reward_scaler is None else reward_scaler
+    step_fn = torch.compile(gradient_step) if compiles(args) else gradient_step
+    while global_step < last_step:
+        lr = learning_rate_at(args, global_step, last_step)
+        optimizer.param_groups[0]["lr"].fill_(lr)
+        obs, episodes = collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout, global_step=global_step)
+        dones = np.maximum(rollout.terminations, rollout.truncations)
+        rewards = scale_rewards(rollout.rewards, dones) if args.norm_reward else rollout.rewards
+        batch = make_batch(agent=agent, rollout=rollout, rewards=rewards, gamma=args.gamma, gae_lambda=args.gae_lambda)
+        losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args, step_fn=step_fn)
+        if args.norm_obs:  # between iterations: rollout, old log-probs and update share the statistics
+            agent.obs_rms.update(batch.obs)
+        global_step += args.batch_size
+        if writer is not None:
+            log_iteration(writer, global_step=global_step, episodes=episodes, losses=losses, batch=batch, learning_rate=lr,
+                          sps=(global_step - start_step) / (time.perf_counter() - start_time))
+        if after_iteration is not None and after_iteration(global_step=global_step, episodes=episodes, losses=losses):
+            break
+    envs.close()
+    return global_step
 
 
-def check_display() -> Optional[str]:
-    chosen = os.environ.get("SDL_VIDEODRIVER", "")  # e.g. "dummy": no window, asked for
-    if sys.platform.startswith("linux") and not chosen and not any(
-            os.environ.get(name) for name in ("DISPLAY", "WAYLAND_DISPLAY")):
-        return "--render needs a display and none is set (DISPLAY is empty): record videos with --capture-video instead"
-    os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
-    try:  # the envs draw with pygame; SDL falls back to an invisible "offscreen" window if the display is dead
-        import pygame
-    except ImportError:
-        return None  # the env will say what it needs
+# 8. The harness ---------------------------------------------------------------------------------
+# What makes the file a tool: run-control flags, the run folder, progress lines, checkpoints,
+# Ctrl-C, resume, evaluation, the command line. Nothing below changes what is learned.
+MAY_CHANGE = ("total_timesteps", "cuda", "compile")  # the algorithm's flags a resumed run may change
+
+
+class RunError(Exception):
+    """RunError(line, code=2): one line for the user and the exit code (2 bad input, 1 a fault)."""
+
+
+@dataclass
+class RunArgs(Args):
+    """Every flag: the algorithm's (Args), then these, which never change what is learned."""
+
+    exp_name: str = SCRIPT  # name of the experiment: part of the run folder's name
+    runs_dir: str = "runs"  # folder of the run folders (TensorBoard logs, checkpoints, videos)
+    capture_video: bool = False  # record mp4s of env 0 in training (episodes 0, 1, 8, 27, ...) and of evaluations
+    eval_episodes: int = 100  # episodes of the final deterministic evaluation, and of --eval-checkpoint
+    eval_every: int = 0  # evaluate every N iterations, keeping the best policy as best.pt (0: off)
+    periodic_eval_episodes: int = 20  # episodes of each periodic evaluation
+    target_return: Optional[float] = None  # stop once a periodic evaluation reaches this (default: 40 evaluations)
+    checkpoint_every: int = 50  # write checkpoint.pt every N iterations (also at the end and on Ctrl-C)
+    print_every: float = 5.0  # seconds between progress lines
+    resume: Optional[str] = None  # checkpoint.pt of a run to continue, in its folder, with its flags
+    eval_checkpoint: Optional[str] = None  # evaluate this checkpoint's deterministic policy, without training
+
+    def check(self) -> Optional[str]:
+        """The first thing wrong with the flags, as one line saying what to do, or None."""
+        if error := super().check():
+            return error
+        if min(self.eval_episodes, self.periodic_eval_episodes, self.checkpoint_every) < 1 or self.eval_every < 0:
+            return "--eval-episodes, --periodic-eval-episodes and --checkpoint-every must be positive, --eval-every >= 0"
+        if self.resume and self.eval_checkpoint:
+            return "give --resume or --eval-checkpoint, not both"
+        if self.cuda and not torch.cuda.is_available():
+            return "--cuda was given but torch sees no CUDA device: drop --cuda"
+        if compiles(self) and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+            return "torch.compile needs a C++ compiler (g++, clang++ or $CXX): install one, or pass --no-compile"
+        return None
+
+
+def check_env(env_id: str) -> Optional[str]:
+    """Whether env_id can be trained by this script: None, or a one-line error."""
     try:
-        pygame.display.init()
-        driver, reason = pygame.display.get_driver(), "no display server answers there"
-    except pygame.error as e:
-        driver, reason = None, str(e)
-    finally:
-        pygame.display.quit()
-    if driver is None or (driver in ("offscreen", "dummy") and driver != chosen):
-        where = ", ".join(f"{n}={os.environ[n]}" for n in ("DISPLAY", "WAYLAND_DISPLAY", "SDL_VIDEODRIVER")
-                          if os.environ.get(n))
-        return (f"--render cannot open a window with {where or 'no display set'} ({reason}): start the display, "
-                "fix DISPLAY, or record videos with --capture-video instead")
+        env = gym.make(env_id)
+    except Exception as e:  # unknown id, a missing package (box2d, ...), a bug in the env
+        return f"cannot make env {env_id!r} ({(str(e).strip() or type(e).__name__).splitlines()[0]}): pick another"
+    obs, space = env.observation_space, env.action_space
+    env.close()
+    if isinstance(space, gym.spaces.Discrete):
+        return f"{env_id} has a discrete action space: use ppo_discrete.py"
+    if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1 and isinstance(obs, gym.spaces.Box)
+            and len(obs.shape) == 1):
+        return f"{env_id} has observations {obs} and actions {space}: this script needs a flat Box for both"
     return None
 
 
-def watch(agent: nn.Module, env_id: str, n_episodes: int, seed: int, device="cpu") -> None:
-    """Play the deterministic policy in a window, one env at its own frame rate, printing returns."""
-    env = make_env(env_id, render_mode="human")()
+def training_state(args: Args) -> dict:
+    """What training keeps besides the agent and the optimizer, by checkpoint entry."""
+    return {"reward_scaler": RewardScaler(args.num_envs, args.gamma)}
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """A temp file beside path, flushed to the disk, then renamed over it: a crash or a full disk
+    leaves the old file whole (a temp file left by a kill is overwritten by the next write)."""
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint of this script, read without running code from it (weights_only)."""
     try:
-        for episode in range(n_episodes):
-            obs, _ = env.reset(seed=seed + episode)
-            done = False
-            while not done:
-                with torch.no_grad():
-                    action = agent.deterministic_action(torch.as_tensor(obs[None], dtype=torch.float32, device=device))
-                obs, _, terminated, truncated, info = env.step(action[0].cpu().numpy())
-                done = terminated or truncated
-            print(f"episode {episode + 1}: return {float(info['episode']['r']):.1f}", flush=True)
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, a folder, truncated, not a torch file, holds more than tensors
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
+        raise RunError(f"cannot read {path} as a checkpoint ({reason}): give a run's checkpoint.pt or best.pt") from None
+    if not isinstance(data, dict) or data.get("script") != SCRIPT or not isinstance(data.get("args"), dict):
+        other = data.get("script") if isinstance(data, dict) else None
+        raise RunError(f"{path} is not a checkpoint of {SCRIPT}.py" + (f" but of {other}.py" if other else ""))
+    return data
+
+
+def restore(data: dict, agent: Agent, optimizer: torch.optim.Optimizer, state: dict, path: str) -> dict:
+    """Load a checkpoint into the agent, the optimizer, training_state() and torch's RNG (the only
+    one training draws from); its progress."""
+    try:
+        agent.load_state_dict(data["model"])
+        optimizer.load_state_dict(data["optimizer"])
+        for name, module in state.items():
+            module.load_state_dict(data[name])
+        torch.set_rng_state(data["rng"])
+        assert all(p.isfinite().all() for p in agent.parameters()) and data["global_step"] >= 0
+        return {k: data[k] for k in ("global_step", "iteration", "best_eval")}
+    except Exception as e:  # RuntimeError: tensors of other shapes; KeyError, TypeError ...: a damaged file
+        raise RunError(f"{path} does not fit {data['args']['env_id']} with hidden layers of {data['args']['hidden_size']}"
+                       f" ({type(e).__name__}): it is damaged, or the env changed since it was written") from None
+
+
+class Harness:
+    """Run control in train()'s after_iteration hook: the divergence check, progress lines,
+    periodic evaluations with best.pt and --target-return, checkpoints; and the handler of Ctrl-C
+    and SIGTERM while training (a stop after the current iteration, with its checkpoint)."""
+
+    def __init__(self, args: RunArgs, run_dir: str, agent: Agent, optimizer, state: dict, progress: dict):
+        self.args, self.run_dir, self.agent, self.optimizer, self.state = args, run_dir, agent, optimizer, state
+        self.global_step, self.iteration, self.best_eval = progress.values()
+        self.final, self.signum, self.returns, self.writer = final_step(args, self.global_step), 0, deque(maxlen=20), None
+        self.last_print, self.last_step, self.intact = time.perf_counter(), self.global_step, (
+            f"{run_dir}/checkpoint.pt (step {self.global_step:,}) is intact" if self.global_step else "nothing was saved")
+
+    def __call__(self, signum, frame):
+        if self.signum:  # a second Ctrl-C: at once; checkpoint.pt stays the last one written whole
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this iteration (again: quit now)", file=sys.stderr)
+
+    def after_iteration(self, *, global_step: int, episodes: list, losses: dict[str, float]) -> bool:
+        args, reached, now = self.args, False, time.perf_counter()
+        if not all(map(math.isfinite, losses.values())) or not all(p.isfinite().all() for p in self.agent.parameters()):
+            raise RunError(f"training diverged (a non-finite loss or weight) after step {self.global_step:,}; "
+                           f"{self.intact}. Try a --learning-rate below {args.learning_rate}", 1)
+        self.global_step, self.iteration = global_step, self.iteration + 1
+        self.returns.extend(episode.episode_return for episode in episodes)
+        if now - self.last_print >= args.print_every or global_step >= self.final:
+            sps = (global_step - self.last_step) / (now - self.last_print)
+            eta = int((self.final - global_step) / sps)
+            print(f"step {global_step:>10,}/{self.final:,} | {sps:6,.0f} steps/s | return {np.mean(self.returns or 0):8.1f}"
+                  f" (last 20 episodes) | ETA {eta // 60}m{eta % 60:02d}s", flush=True)
+            self.last_print, self.last_step = now, global_step
+        if args.eval_every and self.iteration % args.eval_every == 0:
+            returns = evaluate(self.agent, args.env_id, args.periodic_eval_episodes, args.seed + 1_000_000, args.device)
+            self.writer.add_scalar("eval/mean_return", returns.mean(), global_step)
+            print(f"eval at step {global_step:,}: {returns.mean():.1f} +/- {returns.std():.1f}", flush=True)
+            if returns.mean() > self.best_eval:
+                self.best_eval = float(returns.mean())
+                self.save("best.pt")
+            if reached := args.target_return is not None and returns.mean() >= args.target_return:
+                print(f"--target-return {args.target_return} reached at step {global_step:,}", flush=True)
+        if self.iteration % args.checkpoint_every == 0 or global_step >= self.final or reached or self.signum:
+            self.save("checkpoint.pt")
+        return bool(self.signum or reached)
+
+    def save(self, name: str) -> None:
+        path, buffer = os.path.join(self.run_dir, name), io.BytesIO()
+        torch.save({"script": SCRIPT, "args": asdict(self.args), "model": self.agent.state_dict(), "rng": torch.get_rng_state(),
+                    "optimizer": self.optimizer.state_dict(), "global_step": self.global_step, "iteration": self.iteration,
+                    "best_eval": self.best_eval, **{k: m.state_dict() for k, m in self.state.items()}}, buffer)
+        try:  # from memory: a full disk is then an OSError here (torch.save's own writer raises RuntimeError)
+            write_atomically(path, buffer.getvalue())
+        except OSError as e:
+            raise RunError(f"cannot write {path} ({e.strerror or e}): training stopped; {self.intact}", 1) from None
+        if name == "checkpoint.pt":
+            self.intact = f"{path} (step {self.global_step:,}) is intact"
+
+
+def final_evaluation(args: RunArgs, agent: Agent, step: int, video_dir: Optional[str], path: Optional[str], after: str):
+    """The deterministic evaluation (seeds far from training's), printed, and written to path if given."""
+    print(f"evaluation: {args.eval_episodes} episodes of the deterministic policy", flush=True)
+    try:
+        returns = evaluate(agent, args.env_id, args.eval_episodes, args.seed + 1_000_000, args.device, video_dir)
+        print(f"evaluation: {returns.mean():.1f} +/- {returns.std():.1f} over {len(returns)} episodes", flush=True)
+        if path:
+            write_atomically(path, json.dumps({"global_step": step, "mean": float(returns.mean()),
+                                               "std": float(returns.std()), "returns": returns.tolist()}).encode())
+    except OSError as e:  # a full disk, a read-only folder, the video writer
+        raise RunError(f"cannot write {path or video_dir} ({e.strerror or e}); {after}", 1) from None
+    except KeyboardInterrupt:
+        raise RunError(f"Ctrl-C during the evaluation, which was not written; {after}", 130) from None
+
+
+def train_in(harness: Harness, args: RunArgs, step: int) -> None:
+    """train() with the harness's hook and signal handler, TensorBoard and videos; write errors as one line."""
+    from torch.utils.tensorboard import SummaryWriter  # slow to import: only when training
+
+    print(f"{SCRIPT}: {args.env_id}, batches of {args.batch_size} ({args.num_envs} envs x {args.num_steps} steps), "
+          f"minibatches of {args.minibatch_size}, to step {harness.final:,}; run dir {harness.run_dir}", flush=True)
+    if compiles(args):
+        print("compiling gradient_step (torch.compile): the first iteration takes ~20 s longer", flush=True)
+    video = os.path.join(harness.run_dir, "videos", f"train_from_step_{step}" if step else "train")
+    envs = make_vector_env([make_env(args.env_id, video if args.capture_video and i == 0 else None)
+                            for i in range(args.num_envs)])
+    signals = {signum: signal.signal(signum, harness) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:  # on resume, TensorBoard drops what the run logged after its checkpoint
+        harness.writer = writer = SummaryWriter(harness.run_dir, purge_step=step + 1 if step else None)
+        if not step:
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+        train(args, harness.agent, harness.optimizer, envs, step, writer, harness.after_iteration, **harness.state)
+        envs.close()  # the last video, then TensorBoard's last events, reach the disk here
+        writer.close()
+    except OSError as e:  # TensorBoard or video files
+        raise RunError(f"cannot write in {harness.run_dir} ({e.strerror or e}): training stopped; {harness.intact}", 1) from None
     finally:
-        env.close()
+        for signum, handler in signals.items():
+            signal.signal(signum, handler)
 
 
-class ExportedPolicy(nn.Module):
-    """The deterministic policy as one function of the observation, for ONNX: the agent's
-    normalization (if any) is inside it, and Box actions are clipped to the env's bounds."""
+def run(args: RunArgs, argv: list[str]) -> int:
+    """Check everything (before anything is written), then train or evaluate a checkpoint; the exit code."""
+    import tyro
 
-    def __init__(self, agent: nn.Module, low: Optional[torch.Tensor], high: Optional[torch.Tensor]):
-        super().__init__()
-        self.agent, self.low, self.high = agent, low, high
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        action = self.agent.deterministic_action(obs)
-        return action if self.low is None else torch.max(torch.min(action, self.high), self.low)
-
-
-def export_onnx(agent: nn.Module, env_id: str, path: str, n_checks: int = 4096) -> str:
-    """Write the deterministic policy as ONNX (input "obs": (B, obs_dim) float32, output "action"),
-    then check that onnxruntime gives the agent's actions on n_checks random observations."""
-    import logging
-
-    import onnxruntime
-
-    if os.path.isdir(path):
-        raise RunError(f"--export {path} is a folder: give the path of the .onnx file to write")
-    if os.path.isfile(path) and zipfile.is_zipfile(path):  # checkpoints are zips, ONNX files are not
-        raise RunError(f"--export {path} is a checkpoint: exporting over it would destroy it; give another path")
-    if not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK | os.X_OK):
-        raise RunError(f"--export {path}: its folder is not writable; give a path in a folder you can write")
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # no notes about optional torchvision ops
-    env = gym.make(env_id)
-    space, obs_space = env.action_space, env.observation_space
-    env.close()
-    bounded = isinstance(space, gym.spaces.Box)
-    policy = ExportedPolicy(agent.cpu(), *((torch.as_tensor(space.low), torch.as_tensor(space.high))
-                                           if bounded else (None, None))).eval()
-    with warnings.catch_warnings():  # the exporter's own deprecation notes are not the user's concern
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(policy, (torch.zeros(2, obs_space.shape[0]),), dynamo=True, verbose=False,
-                                    input_names=["obs"], output_names=["action"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
-    try:
-        write_atomically(path, lambda f: f.write(program.model_proto.SerializeToString()))
-    except OSError as e:
-        raise RunError(f"cannot write {path} ({e.strerror or e}): nothing was exported", code=1) from None
-    obs_space.seed(0)
-    obs = np.stack([obs_space.sample() for _ in range(n_checks)]).astype(np.float32)
-    got = onnxruntime.InferenceSession(path).run(None, {"obs": obs})[0]
-    with torch.no_grad():
-        expected = policy(torch.from_numpy(obs)).numpy()
-    if bounded:
-        same = np.isclose(got, expected, rtol=1e-4, atol=1e-4).all(-1)
-    else:  # an argmax may flip only where two logits tie to float precision
-        logits = torch.sort(agent.actor(torch.from_numpy(obs)), dim=-1, descending=True)[0].detach().numpy()
-        same = (got == expected) | (logits[:, 0] - logits[:, 1] < 1e-5)
-    if not same.all():
-        raise RunError(f"the exported policy in {path} disagrees with the agent on {int((~same).sum())} of "
-                       f"{n_checks} observations: do not use it", code=1)
-    return (f"exported {path}: observations ({obs_space.shape[0]},) float32 in, actions out; the same actions "
-            f"as the agent on {n_checks} random observations (onnxruntime)")
-
-
-class QuietStream:
-    """stdout or stderr that goes quiet instead of raising once its reader is gone (`| head`,
-    a closed terminal): printing must never stop a run or lose its checkpoint."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except (OSError, ValueError):
-            self.silence()
-            return len(text)
-
-    def flush(self) -> None:
-        try:
-            self.stream.flush()
-        except (OSError, ValueError):
-            self.silence()
-
-    def silence(self) -> None:
-        # Point the file descriptor at /dev/null, so the interpreter's last flush at exit fails silently too.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
-        except (OSError, ValueError):
-            pass
-        self.stream = open(os.devnull, "w")
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
-
-
-def report_evaluation(eval_returns: np.ndarray, path: Optional[str], global_step: int, **extra) -> None:
-    print(f"evaluation: {eval_returns.mean():.1f} +/- {eval_returns.std():.1f} over {len(eval_returns)} "
-          "episodes of the deterministic policy", flush=True)
-    if path:
-        finite = lambda x: float(x) if math.isfinite(x) else None  # noqa: E731  (JSON has no NaN)
-        text = json.dumps({"global_step": global_step, "mean": finite(eval_returns.mean()),
-                           "std": finite(eval_returns.std()), "returns": [finite(r) for r in eval_returns], **extra})
-        write_atomically(path, lambda f: f.write(text.encode()))
-
-
-# Below this many gradient steps a run trains eagerly unless --compile is given: compiling from
-# nothing took about 16 s, and then saved about 0.8 ms per gradient step, so it pays back after
-# about 20,000 (benchmark/RESULTS.md).
-COMPILE_MIN_STEPS = 20_000
-PROOF_EVERY = 1000  # the compiled step checks itself against gradient_step every this many steps
-
-
-def gradient_steps(args: Args) -> int:
-    return args.num_iterations * args.update_epochs * args.num_minibatches
-
-
-def cpp_compiler_found() -> bool:
-    return bool(os.environ.get("CXX") or any(shutil.which(c) for c in ("g++", "c++", "clang++")))
-
-
-class CompiledGradientStep:
-    """gradient_step's arithmetic as one compiled graph, about a quarter of its time on a CPU
-    (benchmark/RESULTS.md); update(step_fn=...) calls it as it calls gradient_step.
-
-    It proves itself before use and every PROOF_EVERY steps after: from the same state, on the
-    same minibatch, it must change the weights and the optimizer state as gradient_step does (up
-    to float rounding). If it does not (gradient_step or the optimizer was edited), or compiling
-    fails, it says so once and steps aside for gradient_step. Called with another agent,
-    optimizer or args, it is gradient_step. While it runs, p.grad stays None.
-
-    On 64-row minibatches nearly all of an eager step is PyTorch's fixed cost per operation, some
-    hundreds of them; torch.compile turns them into one call of generated C++. For one graph to
-    hold the whole step, the gradients come from torch.autograd.grad instead of backward(), Adam
-    runs as torch.optim's functional adam() on the optimizer's own state, and the learning rate
-    is a tensor, so that annealing it does not recompile.
-    """
-
-    def __init__(self, agent: Agent, optimizer: torch.optim.Optimizer, args: Args):
-        self.own, self.calls, self.eager = (agent, optimizer, args), 0, False
-        self.params, group, self.optimizer_state = list(agent.parameters()), optimizer.param_groups[0], optimizer.state
-        # Read once: a graph that read them from the optimizer would be guarded on its learning
-        # rate too, and recompile at every iteration as the rate anneals.
-        self.adam_options = dict(beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
-                                 eps=group["eps"])
-        # cpp_wrapper: the kernels are called from C++ rather than Python; the same kernels and
-        # results, about 10% less time per step (measured on a CPU only, so used there only).
-        self.graph = torch.compile(self.fused_step, fullgraph=True, dynamic=False,
-                                   options={"cpp_wrapper": self.params[0].device.type == "cpu"})
-
-    def fused_step(self, mb: Batch, lr: torch.Tensor) -> dict:
-        from torch.optim.adam import adam  # the arithmetic of torch.optim.Adam, as a function
-
-        agent, _, args = self.own
-        newlogprob, entropy, newvalue = agent.logprob_entropy_value(mb.obs, mb.actions)
-        advantages = mb.advantages
-        if args.norm_adv:
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        loss, parts = ppo_loss(newlogprob=newlogprob, oldlogprob=mb.logprobs, advantages=advantages,
-                               newvalue=newvalue, oldvalue=mb.values, value_targets=mb.value_targets, entropy=entropy,
-                               clip_coef=args.clip_coef, vf_coef=args.vf_coef, ent_coef=args.ent_coef,
-                               clip_vloss=args.clip_vloss)
-        grads = torch.autograd.grad(loss, self.params)
-        # clip_grad_norm_'s arithmetic: one norm over all gradients, scaled down to max_grad_norm
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        grads = [g * (args.max_grad_norm / (grad_norm + 1e-6)).clamp(max=1.0) for g in grads]
-        state = [self.optimizer_state[p] for p in self.params]
-        with torch.no_grad():
-            adam(self.params, grads, [s["exp_avg"] for s in state], [s["exp_avg_sq"] for s in state], [],
-                 [s["step"] for s in state], amsgrad=False, lr=lr, maximize=False, **self.adam_options)
-        return parts
-
-    def run_graph(self, mb: Batch) -> dict:
-        import torch._dynamo
-
-        with torch._dynamo.config.patch(trace_autograd_ops=True):  # lets the graph hold autograd.grad
-            return self.graph(mb, torch.tensor(self.own[1].param_groups[0]["lr"], device=mb.obs.device))
-
-    def tensors(self) -> list[torch.Tensor]:
-        state = self.optimizer_state
-        return self.params + [v for p in self.params for v in state[p].values() if isinstance(v, torch.Tensor)]
-
-    def restore(self, saved: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for t, s in zip(self.tensors(), saved):
-                t.copy_(s)
-
-    def __call__(self, *, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Batch, args: Args) -> dict:
-        # Adam creates its state in its first step, so that one is always gradient_step's.
-        if self.eager or any(a is not b for a, b in zip((agent, optimizer, args), self.own)) or not optimizer.state:
-            return gradient_step(agent=agent, optimizer=optimizer, mb=mb, args=args)
-        self.calls += 1
-        if self.calls % PROOF_EVERY != 1:
-            return self.run_graph(mb)
-        before = [t.detach().clone() for t in self.tensors()]
-        parts = gradient_step(agent=agent, optimizer=optimizer, mb=mb, args=args)
-        expected = [t.detach().clone() for t in self.tensors()]
-        self.restore(before)
-        try:
-            self.run_graph(mb)
-            # What the step changed in all the weights together, not the weights themselves: an edit
-            # such as AdamW's weight decay moves a weight by far less than its rounding tolerance. (Per
-            # tensor, a one-number bias whose Adam moment nearly cancels is all rounding.)
-            n = len(self.params)
-            norm = lambda ts: torch.sqrt(sum((t.double() ** 2).sum() for t in ts))  # noqa: E731
-            same = norm([g - e for g, e in zip(self.tensors()[:n], expected)]) <= 1e-2 * norm(
-                [e - b for e, b in zip(expected[:n], before[:n])])
-            reason = "it does not change the weights as gradient_step does (was it or the optimizer edited?)"
-        except Exception as e:  # e.g. a broken C++ compiler
-            same, reason = False, f"compiling it failed ({type(e).__name__}: {(str(e).strip() or '?').splitlines()[0][:200]})"
-        optimizer.zero_grad(set_to_none=True)
-        if not same:
-            self.restore(expected)
-            self.eager = True
-            print(f"note: the compiled gradient step was not used: {reason}; training with gradient_step",
-                  file=sys.stderr)
-        return parts
-
-
-def choose_gradient_step(args: RunArgs, agent: Agent, optimizer: torch.optim.Optimizer, forced: bool = False):
-    """The one place that decides whether to compile: gradient_step itself, or CompiledGradientStep
-    for a run long enough to pay for compiling (or forced, as by an explicit --compile)."""
-    if not args.compile or not (forced or (not args.cuda and gradient_steps(args) >= COMPILE_MIN_STEPS)):
-        return gradient_step
-    if not cpp_compiler_found():
-        print("note: compiling the gradient step needs a C++ compiler and none was found (g++, clang++ or "
-              "$CXX): training without compiling (--no-compile: without this note)", file=sys.stderr)
-        return gradient_step
-    return CompiledGradientStep(agent, optimizer, args)
-
-
-def prepare(cli: RunArgs, given: set[str]) -> tuple[RunArgs, Optional[dict]]:
-    """The flags to run with and the checkpoint to start from, checked (run() checks a resume's
-    optimizer state and steps left); else RunError or CheckpointError, before anything is written."""
-    checkpoint, args = None, cli
-    if cli.resume or cli.eval_checkpoint:
-        checkpoint = load_checkpoint(cli.resume or cli.eval_checkpoint, RESUME_ENTRIES if cli.resume else EVAL_ENTRIES)
-        args = args_from_checkpoint(checkpoint, cli, given)
+    data = load_checkpoint(path := args.resume or args.eval_checkpoint) if args.resume or args.eval_checkpoint else None
+    if data:  # the run's own flags; the command line gives run control, and may change MAY_CHANGE
+        saved = {f.name: data["args"].get(f.name) for f in fields(Args)}
+        args = tyro.cli(RunArgs, args=argv, default=replace(args, **saved))
+        if changed := [n for n, value in saved.items() if n not in MAY_CHANGE and getattr(args, n) != value]:
+            raise RunError(f"--{changed[0].replace('_', '-')}: a checkpoint keeps its run's flags; only "
+                           f"{', '.join('--' + n.replace('_', '-') for n in MAY_CHANGE)} may change")
     if (error := args.check()) or (error := check_env(args.env_id)):
         raise RunError(error)
-    if not args.eval_checkpoint and (error := check_compile_cache()):
-        raise RunError(error)
-    if args.render and (error := check_display()):
-        raise RunError(error)
-    if args.export:
-        missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-        if missing:
-            raise RunError(f"--export needs {', '.join(missing)}: pip install -r benchmark/requirements.txt")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args.export))):
-            raise RunError(f"--export {args.export}: its folder does not exist")
-    if args.target_return is not None and args.eval_every == 0:
+    (agent, optimizer), state = make_agent_and_optimizer(args), training_state(args)
+    progress = restore(data, agent, optimizer, state, path) if data else dict(global_step=0, iteration=0, best_eval=-math.inf)
+    if args.eval_checkpoint:
+        video_dir = os.path.join(os.path.dirname(path), "videos", "eval_checkpoint") if args.capture_video else None
+        return final_evaluation(args, agent, progress["global_step"], video_dir, None, "nothing else was written") or 0
+    if args.target_return is not None and not args.eval_every:
         args = replace(args, eval_every=max(1, args.num_iterations // 40))
-    if error := check_memory(args, *env_shapes(args.env_id)):
-        raise RunError(error)
-    if checkpoint is not None:
-        if error := check_shapes(checkpoint, args, given):
-            raise RunError(error)
-        agent_from_checkpoint(checkpoint)  # the weights fit, or CheckpointError
-    return args, checkpoint
-
-
-def evaluate_checkpoint(args: RunArgs, checkpoint: dict, given: set[str], capture_video: bool) -> int:
-    """--eval-checkpoint: evaluate, play (--render) or export (--export) a trained policy."""
-    device = torch.device("cuda" if args.cuda else "cpu")
-    agent = agent_from_checkpoint(checkpoint, device)
-    step, run_dir = checkpoint["global_step"], os.path.dirname(os.path.abspath(args.eval_checkpoint))
-    if args.render:
-        watch(agent, args.env_id, args.eval_episodes if "eval_episodes" in given else 5, eval_seed(args), device)
-    elif args.export:
-        print(export_onnx(agent, args.env_id, args.export))
-    else:  # videos only when asked on this command line, not because the run was trained with them
-        video_dir = os.path.join(run_dir, "videos", f"eval_checkpoint_step_{step}") if capture_video else None
-        report_evaluation(evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args), device, video_dir),
-                          None, step)
-    return 0
-
-
-def finish(args: RunArgs, run_dir: str, agent: Agent, harness: Harness) -> int:
-    """The deterministic evaluation at the end of a run, and evaluation.json."""
-    progress = harness.progress
-    print(f"final evaluation: {args.eval_episodes} episodes of the deterministic policy", flush=True)
-    video_dir = os.path.join(run_dir, "videos", "eval") if args.capture_video else None
-    try:
-        eval_returns = evaluate(agent, args.env_id, args.eval_episodes, eval_seed(args),
-                                next(agent.parameters()).device, video_dir)
-    except OSError as e:  # its videos
-        raise RunError(f"cannot write the evaluation's videos into {run_dir} ({os_error_reason(e)}); "
-                       f"{harness.last_checkpoint()}", code=1) from None
-    if progress.target_reached:
-        print(f"--target-return {args.target_return} reached at step {progress.target_reached[0]:,}, after "
-              f"{progress.target_reached[1]:.0f} s of training")
-    reached = progress.target_reached or (None, None)
-    try:
-        report_evaluation(eval_returns, os.path.join(run_dir, "evaluation.json"), progress.global_step,
-                          target_return=args.target_return, target_reached_step=reached[0],
-                          target_reached_seconds=reached[1])
-    except OSError as e:
-        raise RunError(f"cannot write the evaluation into {run_dir} ({os_error_reason(e)}); "
-                       f"{harness.last_checkpoint()}", code=1) from None
-    # The folder that holds this run: a resumed copy of a run is not in the runs_dir it was trained in.
+    name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = os.path.dirname(os.path.abspath(path)) if data else os.path.join(args.runs_dir, name)
+    harness, evaluation = Harness(args, run_dir, agent, optimizer, state, progress), os.path.join(run_dir, "evaluation.json")
+    step, resume = progress["global_step"], f"python {SCRIPT}.py --resume {os.path.join(run_dir, 'checkpoint.pt')}"
+    if harness.final > step:
+        try:
+            os.makedirs(run_dir, exist_ok=bool(data))
+        except OSError as e:  # FileExistsError: a run of the same name started in the same second
+            raise RunError(f"cannot create {run_dir} ({e.strerror}): give another --runs-dir or --exp-name") from None
+        train_in(harness, args, step)
+    elif os.path.exists(evaluation) and json.load(open(evaluation))["global_step"] == step:
+        raise RunError(f"this run is finished at step {step:,}: raise --total-timesteps to train on")
+    if harness.signum:
+        print(f"stopped at step {harness.global_step:,}; checkpoint saved. Resume with:\n  {resume}", file=sys.stderr)
+        return 128 + harness.signum
+    final_evaluation(args, agent, harness.global_step, os.path.join(run_dir, "videos", "eval") if args.capture_video
+                     else None, evaluation, f"the run is trained and {harness.intact}: `{resume}` evaluates it")
     print(f"run dir: {run_dir}\n  tensorboard --logdir {os.path.dirname(run_dir)}")
     return 0
-
-
-def quit_at_once(signum, frame):
-    """Ctrl-C outside training and the final evaluation (start-up, --eval-checkpoint): nothing is
-    left to save, so exit at once (130), removing any temp file being written. Raised as
-    KeyboardInterrupt, it could land in native code (an abort) or in a library's catch-all."""
-    for tmp in list(TEMP_FILES):
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-    try:
-        sys.stdout.flush()
-        os.write(2, b"\ninterrupted\n")
-    except (OSError, ValueError):
-        pass
-    os._exit(130)
-
-
-class EvaluationStopped(Exception):
-    """A signal during the final evaluation (raised by stop_evaluation, the handler then)."""
-
-
-def stop_evaluation(signum, frame):
-    raise EvaluationStopped(signum)
-
-
-def finish_or_resume(args: RunArgs, run_dir: str, agent: Agent, harness: Harness) -> int:
-    """finish(), with Ctrl-C, SIGTERM and SIGHUP stopping it in one line: the run is trained and
-    saved, and --resume runs the evaluation that was stopped."""
-    signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    for signum in signals:
-        signal.signal(signum, stop_evaluation)
-    try:
-        return finish(args, run_dir, agent, harness)
-    except EvaluationStopped as e:
-        signum = e.args[0]
-        raise RunError(f"{signal.Signals(signum).name} during the final evaluation, which was not written; the run is "
-                       f"trained and {harness.last_checkpoint()}: `python {SCRIPT}.py --resume "
-                       f"{os.path.join(run_dir, 'checkpoint.pt')}` runs the evaluation", code=128 + signum) from None
-    finally:  # as before: Ctrl-C a KeyboardInterrupt, the default action for the others
-        for other in signals:
-            signal.signal(other, signal.default_int_handler if other == signal.SIGINT else signal.SIG_DFL)
-
-
-def open_run(args: RunArgs, checkpoint: Optional[dict], given: set[str], agent: Agent,
-             optimizer: torch.optim.Optimizer, state: dict):
-    """(run directory, progress to start from, its lock): a new run's, or the resumed run's,
-    restored from the checkpoint and checked. The lock is held while the returned file is open."""
-    if checkpoint is None:
-        try:
-            run_dir = new_run_dir(args)
-        except OSError as e:
-            raise RunError(f"cannot create the run directory ({os_error_reason(e)}): pick another --runs-dir or "
-                           "--exp-name") from None
-        return run_dir, Progress(), lock_run_dir(run_dir)
-    run_dir = os.path.dirname(os.path.abspath(args.resume))
-    restore(agent, optimizer, state, checkpoint)
-    # An explicit --target-return is a new target; else one reached before ends the run.
-    reached = None if "target_return" in given else checkpoint.get("target_reached")
-    start = Progress(checkpoint["global_step"], checkpoint["iteration"], checkpoint["best_eval"],
-                     tuple(reached) if reached else None)
-    if error := check_resume(checkpoint, args, args.resume, start):
-        raise RunError(error)
-    lock = lock_run_dir(run_dir)
-    remove_stale_temp_files(run_dir)  # left by a process killed while writing
-    return run_dir, start, lock
-
-
-def run(cli: RunArgs, argv: list[str]) -> int:
-    given = explicit_flags(argv)
-    args, checkpoint = prepare(cli, given)
-    if args.eval_checkpoint:
-        return evaluate_checkpoint(args, checkpoint, given, cli.capture_video)
-    (agent, optimizer), state = make_agent_and_optimizer(args), training_state(args)
-    run_dir, start, lock = open_run(args, checkpoint, given, agent, optimizer, state)  # noqa: F841 (lock: held)
-    if final_step(args, start.global_step) <= start.global_step or start.target_reached:
-        print(f"{run_dir} is trained to step {start.global_step:,}; its final evaluation is missing: running it")
-        return finish_or_resume(args, run_dir, agent, Harness(args, run_dir, agent, optimizer, start))
-    if checkpoint is not None:
-        print(f"resuming {run_dir} at step {start.global_step:,}")
-    print(f"{SCRIPT}: {args.env_id}, {args.batch_size}-step batches ({args.num_envs} envs x {args.num_steps} "
-          f"steps) to step {final_step(args, start.global_step):,}, minibatch {args.minibatch_size}, run dir {run_dir}")
-    step_fn = choose_gradient_step(args, agent, optimizer, forced="compile" in given)
-    if step_fn is not gradient_step:
-        print("compiling the gradient step (torch.compile): the first iteration takes up to ~20 s longer on a "
-              "machine's first run, a few seconds once Inductor's cache holds the code (--no-compile: eager)")
-    harness = Harness(args, run_dir, agent, optimizer, start, None, step_fn is not gradient_step, state)
-    signals = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
-    for signum in signals:
-        signal.signal(signum, harness)
-    envs = None
-    try:
-        harness.writer = make_writer(args, run_dir, start.global_step)
-        envs = make_training_envs(args, run_dir, start.global_step)
-        train(args, agent, optimizer, envs, start.global_step, step_fn, harness.after_iteration, **state)
-        envs.close()  # the last video, then TensorBoard's last events, reach the disk here
-        harness.writer.close()
-    except Diverged as e:
-        raise RunError(f"training diverged in the iteration after step {harness.progress.global_step:,} ({e}); nothing "
-                       f"was saved after it: {harness.last_checkpoint()}. Try a lower --learning-rate than "
-                       f"{args.learning_rate}", code=1) from None
-    except OSError as e:  # TensorBoard or video files
-        raise RunError(f"cannot write in {run_dir} ({os_error_reason(e)}): training stopped; "
-                       f"{harness.last_checkpoint()}", code=1) from None
-    finally:
-        for opened in (envs, harness.writer):  # after an error; a second close does nothing
-            try:
-                if opened is not None:
-                    opened.close()
-            except OSError:
-                pass  # the error being raised says it already
-    progress = harness.progress
-    if harness.signum:
-        print(f"stopped at step {progress.global_step:,}; checkpoint saved. Resume with:\n"
-              f"  python {SCRIPT}.py --resume {os.path.join(run_dir, 'checkpoint.pt')}", file=sys.stderr)
-        return 128 + harness.signum
-    return finish_or_resume(args, run_dir, agent, harness)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     import tyro
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    cli = tyro.cli(RunArgs, args=argv, description=__doc__.split("\n\n")[0])
-    # One torch thread: for 64-wide layers a second thread costs more in sync than it gains.
-    torch.set_num_threads(1)
+    args = tyro.cli(RunArgs, args=argv, description=__doc__.split("\n\n")[0])
+    torch.set_num_threads(1)  # for 64-wide layers a second thread costs more in sync than it gains
     try:
-        return run(cli, argv)
-    except (RunError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return getattr(e, "code", 2)
+        return run(args, argv)
+    except RunError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return e.args[1] if len(e.args) > 1 else 2
+    except KeyboardInterrupt:  # before training: nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
-    sys.stdout, sys.stderr = QuietStream(sys.stdout), QuietStream(sys.stderr)
-    threading.excepthook = quiet_thread_errors  # a write error in a thread is said once, by the main thread
-    signal.signal(signal.SIGINT, quit_at_once)  # until training (or the final evaluation) takes Ctrl-C over
-    # After a video write failed (said in one line), the recorder repeats it when the process exits.
-    warnings.filterwarnings("ignore", message=".*Unable to save last video")
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # Ctrl-C outside training (start-up, evaluation): nothing left to save
-        print("\ninterrupted", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(main())

@@ -15,20 +15,13 @@ Words used below
     minibatch    batch_size // num_minibatches transitions: one gradient step
     global_step  environment steps taken so far, counted over all envs
 
-Reading guide. To learn PPO, read sections 1-7 in order; nothing in them refers to anything
-defined later, and nothing after them changes what is learned.
-    1 Hyperparameters   Args: the algorithm's flags, their checks, derived sizes
-    2 Environment       make_env, make_vector_env (the autoreset mode matters), env_shapes
-    3 Agent             layer_init, Agent: a categorical actor and a critic
-    4 Advantages        compute_gae
-    5 PPO loss          ppo_loss
-    6 One iteration     collect_rollout -> make_batch -> update (a gradient_step per minibatch)
-    7 Training          evaluate, the learning-rate schedule, what is logged, then train():
-                        the loop of the PPO paper's Algorithm 1
-    8 The harness       run folder, progress, checkpoints, Ctrl-C, resume, main()
-The twin, ppo_continuous.py, differs in the policy (a Gaussian), action clipping and
-observation and reward normalization. Every function both files define is the same text, apart
-from a short list that differs because the action space does (tests/test_twins.py).
+Reading guide. To learn PPO, read sections 1-7 in order: 1 Args (the flags), 2 the env, 3 the
+Agent, 4 compute_gae, 5 ppo_loss, 6 one iteration (collect_rollout -> make_batch -> update, a
+gradient_step per minibatch), 7 evaluate, what is logged, and train(), the PPO paper's Algorithm
+1. Nothing in them uses anything defined later; nothing after them (8, the harness: run folder,
+checkpoints, Ctrl-C, resume, main) changes what is learned. The twin, ppo_continuous.py, has a
+Gaussian policy and normalizes observations and rewards; the functions both define are the same
+text but for a short list (tests/test_twins.py).
 
 References: Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (arXiv:1707.06347);
 Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE" (arXiv:1506.02438);
@@ -63,50 +56,45 @@ SCRIPT = "ppo_discrete"
 # 1. Hyperparameters ------------------------------------------------------------------------------
 @dataclass
 class Args:
-    """The algorithm's flags. Where a default differs from CleanRL's ppo.py (tuned for CartPole),
-    the comment says why: most are rl-baselines3-zoo's LunarLander settings, which beat cheaper
-    variants in our trials (benchmark/RESULTS.md); the learning-rate annealing is CleanRL's (the
-    zoo keeps it constant). Run control (checkpoints, evaluations, --resume) is in section 8."""
+    """The algorithm's flags. Where a default differs from CleanRL's ppo.py (tuned for CartPole) the
+    comment says why: most are rl-baselines3-zoo's LunarLander settings, which beat cheaper variants
+    in our trials (benchmark/RESULTS.md); the annealing is CleanRL's (the zoo's rate is constant)."""
 
     env_id: str = "LunarLander-v3"  # Gymnasium id of an env with a Discrete action space and a flat Box observation
     seed: int = 1  # seed of torch, numpy, random and the training envs (env i gets seed + i)
     torch_deterministic: bool = True  # set torch.backends.cudnn.deterministic (only cuDNN kernels on a GPU care)
     cuda: bool = False  # train on the GPU (CleanRL's default is on; 64-wide MLPs train faster on the CPU)
     total_timesteps: int = 2_000_000  # environment steps to train for, over all envs
-    # CleanRL: 2.5e-4; 3e-4 is the zoo's value. The annealing lowers it every iteration, to
-    # learning_rate / num_iterations in the last one, which settles the landing late.
+    # CleanRL: 2.5e-4. Annealed to learning_rate / num_iterations at the end: late landings settle.
     learning_rate: float = 3e-4  # Adam learning rate at the start (annealed linearly towards 0 with --anneal-lr)
     # CleanRL: 4 x 128. More envs: a 16-row forward costs about what a 4-row one does. Longer
     # rollouts: a batch of 16384 steps spans many of Lunar Lander's episodes (up to 1000 steps).
     num_envs: int = 16  # parallel envs in the (synchronous) vector env
     num_steps: int = 1024  # steps per env in each rollout
     anneal_lr: bool = True  # anneal the learning rate linearly towards 0 over training [37-4]
-    # CleanRL: 0.99 and 0.95. Landing pays its +100 hundreds of steps after the approach
-    # began: a longer horizon (1 / (1 - gamma) = 1000 steps) sees it.
+    # CleanRL: 0.99, 0.95. Landing pays +100 hundreds of steps after the approach: 1 / (1 - gamma) sees it.
     gamma: float = 0.999  # discount factor
     gae_lambda: float = 0.98  # lambda of Generalized Advantage Estimation
-    # CleanRL: 4 (of 128). Minibatches of 64: one gradient step per 16 samples. Minibatches of
-    # 128 trained 25% faster but ended 32 and 50 points lower in two trials on seed 2.
+    # CleanRL: 4 (of 128). Minibatches of 64; of 128 ended 32 and 50 points lower in two trials.
     num_minibatches: int = 256  # minibatches per epoch
     update_epochs: int = 4  # passes over each batch
     norm_adv: bool = True  # normalize advantages within each minibatch [37-7]
     clip_coef: float = 0.2  # surrogate clipping coefficient epsilon (also the value clip range with --clip-vloss)
-    # CleanRL: on. Value clipping did not help, or hurt, in Andrychowicz et al. 2021 (sec. 3.2);
-    # the zoo does not clip either.
+    # CleanRL: on. It did not help, or hurt, in Andrychowicz et al. 2021 (sec. 3.2); the zoo is off.
     clip_vloss: bool = False  # clip the value loss around the old values [37-9]
     ent_coef: float = 0.01  # entropy bonus coefficient
     vf_coef: float = 0.5  # value loss coefficient
     max_grad_norm: float = 0.5  # global gradient-norm clipping threshold [37-11]
     target_kl: Optional[float] = None  # stop an iteration's epochs early once approx_kl exceeds this (off when unset)
     hidden_size: int = 64  # width of the two hidden layers of the actor and of the critic
-    # torch.compile traces gradient_step itself (LeanRL's way): the same text, about a third less
-    # time per step, but ~20 s to compile first (benchmark/RESULTS.md). `compiles` decides.
-    compile: bool = True  # compile gradient_step in runs of COMPILE_MIN_STEPS+ gradient steps (needs a C++ compiler)
+    # torch.compile of gradient_step itself (LeanRL's way): the same text, faster once compiled.
+    compile: bool = True  # torch.compile gradient_step where it pays (see compiles()); needs a C++ compiler
 
     # Derived sizes: computed, never flags (CleanRL overwrites such flags silently).
     batch_size = property(lambda self: self.num_envs * self.num_steps)
     minibatch_size = property(lambda self: self.batch_size // self.num_minibatches)
     num_iterations = property(lambda self: self.total_timesteps // self.batch_size)
+    device = property(lambda self: torch.device("cuda" if self.cuda else "cpu"))
 
     def check(self) -> Optional[str]:
         """The first flag that cannot train, as one line saying what to do; None if all can."""
@@ -134,16 +122,15 @@ class Args:
 
 
 # 2. Environment ----------------------------------------------------------------------------------
-def make_env(env_id: str, video_dir: Optional[str] = None, video_trigger=None, render_mode: Optional[str] = None):
-    """A thunk that builds one env; `video_dir` records its episodes as mp4."""
+def make_env(env_id: str, video_dir: Optional[str] = None, video_trigger=None):
+    """A thunk that builds one env; `video_dir` records its episodes as mp4 (by default episodes
+    0, 1, 8, 27, ..., 1000, 2000, ...)."""
 
     def thunk():
         # A render mode only when one is needed: an env that cannot render need not accept it.
-        mode = "rgb_array" if video_dir is not None else render_mode
-        env = gym.make(env_id, render_mode=mode) if mode else gym.make(env_id)
+        env = gym.make(env_id, render_mode="rgb_array") if video_dir else gym.make(env_id)
         if video_dir is not None:
-            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=video_trigger,
-                                           disable_logger=True)
+            env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=video_trigger, disable_logger=True)
         # Puts the episode's return and length into the info of its last step.
         return gym.wrappers.RecordEpisodeStatistics(env)
 
@@ -240,8 +227,8 @@ def compute_gae(*, rewards, values, next_values, terminations, dones, gamma, gae
 def ppo_loss(*, newlogprob, oldlogprob, advantages, newvalue, oldvalue, value_targets, entropy,
              clip_coef, vf_coef, ent_coef, clip_vloss):
     """The PPO objective on one minibatch, as a loss to minimise; tensors 1-D over the minibatch,
-    advantages already normalized when that is on. Returns (loss, parts): parts holds pg_loss,
-    v_loss, entropy_loss, approx_kl, old_approx_kl and clipfrac as detached 0-d tensors."""
+    advantages already normalized when that is on. Returns (loss, parts): parts holds its terms
+    and diagnostics as detached 0-d tensors, by CleanRL's TensorBoard names."""
     logratio = newlogprob - oldlogprob
     ratio = logratio.exp()
     # Clipped surrogate (PPO paper, eq. 7): the pessimistic minimum, as the maximum of the negatives
@@ -258,23 +245,17 @@ def ppo_loss(*, newlogprob, oldlogprob, advantages, newvalue, oldvalue, value_ta
     # PPO paper, eq. 9, with the entropy bonus and the value loss weighted
     loss = pg_loss - ent_coef * entropy_loss + vf_coef * v_loss
     with torch.no_grad():
-        parts = {
-            "pg_loss": pg_loss.detach(),
-            "v_loss": v_loss.detach(),
-            "entropy_loss": entropy_loss.detach(),
-            # Two estimators of KL(old || new) [37-12]: Schulman's unbiased, never negative
-            # (r - 1) - log r, and the older naive -log r, logged as old_approx_kl
-            "approx_kl": ((ratio - 1.0) - logratio).mean(),
-            "old_approx_kl": (-logratio).mean(),
-            "clipfrac": ((ratio - 1.0).abs() > clip_coef).float().mean(),
-        }
+        parts = {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "entropy": entropy_loss.detach(),
+                 # Two estimators of KL(old || new) [37-12]: Schulman's unbiased, never negative
+                 # (r - 1) - log r, and the older naive -log r, logged as old_approx_kl
+                 "approx_kl": ((ratio - 1.0) - logratio).mean(), "old_approx_kl": (-logratio).mean(),
+                 "clipfrac": ((ratio - 1.0).abs() > clip_coef).float().mean()}
     return loss, parts
 
 
 # 6. One iteration: collect a rollout, turn it into a batch, update the agent on it ---------------
 class Rollout(NamedTuple):
-    """One rollout: numpy arrays (T, N, ...), refilled each iteration (a row per step is cheaper
-    to write in numpy than in torch)."""
+    """One rollout: numpy arrays (T, N, ...), refilled each iteration (rows are cheap to write in numpy)."""
     obs: np.ndarray           # s_t, what the agent acted on
     actions: np.ndarray       # a_t
     rewards: np.ndarray       # r_t, received after a_t
@@ -420,48 +401,40 @@ def make_agent_and_optimizer(args: Args) -> tuple[Agent, torch.optim.Optimizer]:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if args.cuda else "cpu")
-    agent = Agent(*env_shapes(args.env_id), args.hidden_size).to(device)
+    agent = Agent(*env_shapes(args.env_id), args.hidden_size).to(args.device)
     # eps: [37-3]. fused: one kernel for all parameters. The learning rate is a tensor that the
     # schedule changes in place, so a compiled gradient_step is not recompiled for each new value.
-    lr = torch.tensor(args.learning_rate, device=device)
+    lr = torch.tensor(args.learning_rate, device=args.device)
     return agent, torch.optim.Adam(agent.parameters(), lr=lr, eps=1e-5, fused=True)
 
 
-def final_step(args: Args, global_step: int = 0) -> int:
-    """Where a run at global_step ends: after the last whole batch within total_timesteps."""
+def final_step(args: Args, global_step: int = 0) -> int:  # after the last whole batch within total_timesteps
     return global_step + (args.total_timesteps - global_step) // args.batch_size * args.batch_size
 
 
 def learning_rate_at(args: Args, global_step: int, last_step: int) -> float:
-    """Linear annealing [37-4]: learning_rate at step 0, learning_rate * batch_size / last_step in
-    the last iteration."""
+    """Linear annealing [37-4]: learning_rate at 0, learning_rate * batch_size / last_step at the end."""
     return args.learning_rate * (1.0 - global_step / last_step if args.anneal_lr else 1.0)
 
 
-COMPILE_MIN_STEPS = 60_000  # compiling (~20 s) pays back after about this many gradient steps
+COMPILE_MIN_STEPS = 60_000  # compiling (~20 s) is won back after about this many gradient steps (RESULTS.md)
 
 
 def compiles(args: Args) -> bool:
-    """The one place that decides whether to compile: only where it pays (benchmark/RESULTS.md)."""
+    """Whether train() compiles gradient_step: only where it pays."""
     return args.compile and args.num_iterations * args.update_epochs * args.num_minibatches >= COMPILE_MIN_STEPS
-
-
-LOSS_TAGS = {"pg_loss": "losses/policy_loss", "v_loss": "losses/value_loss", "entropy_loss": "losses/entropy",
-             "approx_kl": "losses/approx_kl", "old_approx_kl": "losses/old_approx_kl", "clipfrac": "losses/clipfrac"}
 
 
 def log_iteration(writer, *, global_step: int, episodes: list[Episode], losses: dict, batch: Batch,
                   learning_rate: float, sps: float) -> None:
-    """TensorBoard scalars under CleanRL's tags, on an x axis of env steps (so that runs of other
-    batch sizes compare). A new scalar is one more line here."""
+    """TensorBoard scalars under CleanRL's tags, against env steps: a new scalar is one more line here."""
     for episode in episodes:
         writer.add_scalar("charts/episodic_return", episode.episode_return, episode.global_step)
         writer.add_scalar("charts/episodic_length", episode.length, episode.global_step)
     writer.add_scalar("charts/learning_rate", learning_rate, global_step)
     writer.add_scalar("charts/SPS", sps, global_step)
     for name, value in losses.items():
-        writer.add_scalar(LOSS_TAGS[name], value, global_step)
+        writer.add_scalar(f"losses/{name}", value, global_step)
     # 1 - Var(targets - values) / Var(targets): 1 is a perfect critic, 0 no better than a constant
     residual, targets = (batch.value_targets - batch.values).var().item(), batch.value_targets.var().item()
     writer.add_scalar("losses/explained_variance", 1 - residual / targets if targets > 0 else math.nan, global_step)
@@ -470,10 +443,8 @@ def log_iteration(writer, *, global_step: int, episodes: list[Episode], losses: 
 def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None, global_step: int = 0,
           writer=None, after_iteration=None) -> int:
     """PPO (the paper's Algorithm 1) from global_step (0, or a resumed run's) for the whole batches
-    that fit in total_timesteps; returns the step reached. envs: by default num_envs of env_id;
-    writer: a TensorBoard SummaryWriter, or None. after_iteration(global_step=, episodes=, losses=)
-    runs after each iteration and returns True to stop (the harness: progress, checkpoints, Ctrl-C).
-    """
+    that fit in total_timesteps; returns the step reached. writer: TensorBoard's, or None.
+    after_iteration(global_step=, episodes=, losses=) returns True to stop (the harness's hook)."""
     envs = envs or make_vector_env([make_env(args.env_id) for _ in range(args.num_envs)])
     start_step, start_time, last_step = global_step, time.perf_counter(), final_step(args, global_step)
     # Env i starts from seed + i; a resumed run starts its new episodes from fresh seeds.
@@ -504,7 +475,7 @@ MAY_CHANGE = ("total_timesteps", "cuda", "compile")  # the algorithm's flags a r
 
 
 class RunError(Exception):
-    """RunError(line, code): one line for the user, and the exit code (2 bad input, 1 a fault)."""
+    """RunError(line, code=2): one line for the user and the exit code (2 bad input, 1 a fault)."""
 
 
 @dataclass
@@ -517,7 +488,7 @@ class RunArgs(Args):
     eval_episodes: int = 100  # episodes of the final deterministic evaluation, and of --eval-checkpoint
     eval_every: int = 0  # evaluate every N iterations, keeping the best policy as best.pt (0: off)
     periodic_eval_episodes: int = 20  # episodes of each periodic evaluation
-    target_return: Optional[float] = None  # stop once a periodic evaluation reaches this mean (evaluating every 1/40 of the run unless --eval-every)
+    target_return: Optional[float] = None  # stop once a periodic evaluation reaches this (default: 40 evaluations)
     checkpoint_every: int = 50  # write checkpoint.pt every N iterations (also at the end and on Ctrl-C)
     print_every: float = 5.0  # seconds between progress lines
     resume: Optional[str] = None  # checkpoint.pt of a run to continue, in its folder, with its flags
@@ -527,10 +498,8 @@ class RunArgs(Args):
         """The first thing wrong with the flags, as one line saying what to do, or None."""
         if error := super().check():
             return error
-        if min(self.eval_episodes, self.periodic_eval_episodes, self.checkpoint_every) < 1:
-            return "--eval-episodes, --periodic-eval-episodes and --checkpoint-every must be positive"
-        if self.eval_every < 0 or self.print_every < 0:
-            return "--eval-every and --print-every must be 0 or more"
+        if min(self.eval_episodes, self.periodic_eval_episodes, self.checkpoint_every) < 1 or self.eval_every < 0:
+            return "--eval-episodes, --periodic-eval-episodes and --checkpoint-every must be positive, --eval-every >= 0"
         if self.resume and self.eval_checkpoint:
             return "give --resume or --eval-checkpoint, not both"
         if self.cuda and not torch.cuda.is_available():
@@ -546,14 +515,13 @@ def check_env(env_id: str) -> Optional[str]:
         env = gym.make(env_id)
     except Exception as e:  # unknown id, a missing package (box2d, ...), a bug in the env
         return f"cannot make env {env_id!r} ({(str(e).strip() or type(e).__name__).splitlines()[0]}): pick another"
-    obs_space, space = env.observation_space, env.action_space
+    obs, space = env.observation_space, env.action_space
     env.close()
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
-        return f"{env_id} observations are not a flat Box (got {obs_space}): neither script takes them"
     if isinstance(space, gym.spaces.Box):
         return f"{env_id} has a continuous (Box) action space: use ppo_continuous.py"
-    if not isinstance(space, gym.spaces.Discrete) or space.start != 0:
-        return f"{env_id} has the action space {space}: this script needs Discrete actions 0 to n - 1"
+    if not (isinstance(space, gym.spaces.Discrete) and space.start == 0 and isinstance(obs, gym.spaces.Box)
+            and len(obs.shape) == 1):
+        return f"{env_id} has observations {obs} and actions {space}: this script needs a flat Box and Discrete(n)"
     return None
 
 
@@ -572,25 +540,17 @@ def write_atomically(path: str, data: bytes) -> None:
     os.replace(path + ".tmp", path)
 
 
-def load_checkpoint(path: str, cli: RunArgs, argv: list[str]) -> tuple[dict, RunArgs]:
-    """A checkpoint of this script, read without running code from it (weights_only), and its
-    run's flags: the command line gives run control and may change only MAY_CHANGE."""
-    import tyro
-
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint of this script, read without running code from it (weights_only)."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing, a folder, truncated, not a torch file, holds more than tensors
         reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
         raise RunError(f"cannot read {path} as a checkpoint ({reason}): give a run's checkpoint.pt or best.pt") from None
     if not isinstance(data, dict) or data.get("script") != SCRIPT or not isinstance(data.get("args"), dict):
-        other = data.get("script") if isinstance(data, dict) and isinstance(data.get("script"), str) else None
-        raise RunError(f"{path} is not a checkpoint of {SCRIPT}.py" + (f" but of {other}.py: use that" if other else ""))
-    saved = {f.name: data["args"].get(f.name) for f in fields(Args)}
-    args = tyro.cli(RunArgs, args=argv, default=replace(cli, **saved))
-    if changed := [name for name, value in saved.items() if name not in MAY_CHANGE and getattr(args, name) != value]:
-        raise RunError(f"--{changed[0].replace('_', '-')}: a checkpoint keeps its run's flags; only "
-                       f"{', '.join('--' + n.replace('_', '-') for n in MAY_CHANGE)} may change")
-    return data, args
+        other = data.get("script") if isinstance(data, dict) else None
+        raise RunError(f"{path} is not a checkpoint of {SCRIPT}.py" + (f" but of {other}.py" if other else ""))
+    return data
 
 
 def restore(data: dict, agent: Agent, optimizer: torch.optim.Optimizer, state: dict, path: str) -> dict:
@@ -598,18 +558,15 @@ def restore(data: dict, agent: Agent, optimizer: torch.optim.Optimizer, state: d
     one training draws from); its progress."""
     try:
         agent.load_state_dict(data["model"])
-    except (RuntimeError, KeyError, TypeError):  # tensors missing, unexpected, or of other shapes
-        raise RunError(f"the weights in {path} do not fit {data['args']['env_id']} with hidden layers of "
-                       f"{data['args']['hidden_size']}: use the env it was trained on") from None
-    try:
         optimizer.load_state_dict(data["optimizer"])
         for name, module in state.items():
             module.load_state_dict(data[name])
         torch.set_rng_state(data["rng"])
         assert all(p.isfinite().all() for p in agent.parameters()) and data["global_step"] >= 0
         return {k: data[k] for k in ("global_step", "iteration", "best_eval")}
-    except Exception:  # KeyError, TypeError, ValueError, AssertionError, ...
-        raise RunError(f"{path} lacks, or has damaged, entries: it was not written whole by {SCRIPT}.py") from None
+    except Exception as e:  # RuntimeError: tensors of other shapes; KeyError, TypeError ...: a damaged file
+        raise RunError(f"{path} does not fit {data['args']['env_id']} with hidden layers of {data['args']['hidden_size']}"
+                       f" ({type(e).__name__}): it is damaged, or the env changed since it was written") from None
 
 
 class Harness:
@@ -619,33 +576,32 @@ class Harness:
 
     def __init__(self, args: RunArgs, run_dir: str, agent: Agent, optimizer, state: dict, progress: dict):
         self.args, self.run_dir, self.agent, self.optimizer, self.state = args, run_dir, agent, optimizer, state
-        self.global_step, self.iteration, self.best_eval = (progress[k] for k in ("global_step", "iteration", "best_eval"))
+        self.global_step, self.iteration, self.best_eval = progress.values()
         self.final, self.signum, self.returns, self.writer = final_step(args, self.global_step), 0, deque(maxlen=20), None
-        self.saved_step, self.last_print, self.last_step = self.global_step or None, time.perf_counter(), self.global_step
+        self.last_print, self.last_step, self.intact = time.perf_counter(), self.global_step, (
+            f"{run_dir}/checkpoint.pt (step {self.global_step:,}) is intact" if self.global_step else "nothing was saved")
 
     def __call__(self, signum, frame):
         if self.signum:  # a second Ctrl-C: at once; checkpoint.pt stays the last one written whole
             os._exit(128 + signum)
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this iteration, then stopping (again: "
-              "quit at once)", file=sys.stderr)
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this iteration (again: quit now)", file=sys.stderr)
 
     def after_iteration(self, *, global_step: int, episodes: list, losses: dict[str, float]) -> bool:
+        args, reached, now = self.args, False, time.perf_counter()
         if not all(map(math.isfinite, losses.values())) or not all(p.isfinite().all() for p in self.agent.parameters()):
             raise RunError(f"training diverged (a non-finite loss or weight) after step {self.global_step:,}; "
-                           f"{self.last_checkpoint()}. Try a --learning-rate below {self.args.learning_rate}", 1)
-        args, reached, now = self.args, False, time.perf_counter()
+                           f"{self.intact}. Try a --learning-rate below {args.learning_rate}", 1)
         self.global_step, self.iteration = global_step, self.iteration + 1
         self.returns.extend(episode.episode_return for episode in episodes)
         if now - self.last_print >= args.print_every or global_step >= self.final:
             sps = (global_step - self.last_step) / (now - self.last_print)
             eta = int((self.final - global_step) / sps)
-            print(f"step {global_step:>10,}/{self.final:,} | {sps:6,.0f} steps/s | return {np.mean(self.returns or [0]):8.1f}"
+            print(f"step {global_step:>10,}/{self.final:,} | {sps:6,.0f} steps/s | return {np.mean(self.returns or 0):8.1f}"
                   f" (last 20 episodes) | ETA {eta // 60}m{eta % 60:02d}s", flush=True)
             self.last_print, self.last_step = now, global_step
         if args.eval_every and self.iteration % args.eval_every == 0:
-            returns = evaluate(self.agent, args.env_id, args.periodic_eval_episodes, args.seed + 1_000_000,
-                               next(self.agent.parameters()).device)
+            returns = evaluate(self.agent, args.env_id, args.periodic_eval_episodes, args.seed + 1_000_000, args.device)
             self.writer.add_scalar("eval/mean_return", returns.mean(), global_step)
             print(f"eval at step {global_step:,}: {returns.mean():.1f} +/- {returns.std():.1f}", flush=True)
             if returns.mean() > self.best_eval:
@@ -658,29 +614,23 @@ class Harness:
         return bool(self.signum or reached)
 
     def save(self, name: str) -> None:
-        path = os.path.join(self.run_dir, name)
-        data = {"script": SCRIPT, "args": asdict(self.args), "model": self.agent.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "global_step": self.global_step,
-                "iteration": self.iteration, "best_eval": self.best_eval, **{k: m.state_dict() for k, m in self.state.items()}}
-        buffer = io.BytesIO()
-        torch.save(data, buffer)  # into memory: a full disk is then an OSError of the write below
-        try:
+        path, buffer = os.path.join(self.run_dir, name), io.BytesIO()
+        torch.save({"script": SCRIPT, "args": asdict(self.args), "model": self.agent.state_dict(), "rng": torch.get_rng_state(),
+                    "optimizer": self.optimizer.state_dict(), "global_step": self.global_step, "iteration": self.iteration,
+                    "best_eval": self.best_eval, **{k: m.state_dict() for k, m in self.state.items()}}, buffer)
+        try:  # from memory: a full disk is then an OSError here (torch.save's own writer raises RuntimeError)
             write_atomically(path, buffer.getvalue())
         except OSError as e:
-            raise RunError(f"cannot write {path} ({e.strerror or e}): training stopped; {self.last_checkpoint()}", 1) from None
-        self.saved_step = self.global_step if name == "checkpoint.pt" else self.saved_step
-
-    def last_checkpoint(self) -> str:
-        return (f"{os.path.join(self.run_dir, 'checkpoint.pt')} (step {self.saved_step:,}) is intact" if self.saved_step
-                else "no checkpoint was written before it")
+            raise RunError(f"cannot write {path} ({e.strerror or e}): training stopped; {self.intact}", 1) from None
+        if name == "checkpoint.pt":
+            self.intact = f"{path} (step {self.global_step:,}) is intact"
 
 
 def final_evaluation(args: RunArgs, agent: Agent, step: int, video_dir: Optional[str], path: Optional[str], after: str):
-    """The deterministic evaluation, printed and written to path (evaluation.json) if one is given."""
+    """The deterministic evaluation (seeds far from training's), printed, and written to path if given."""
     print(f"evaluation: {args.eval_episodes} episodes of the deterministic policy", flush=True)
-    try:  # seeds far from the training envs' seed + i
-        returns = evaluate(agent, args.env_id, args.eval_episodes, args.seed + 1_000_000, next(agent.parameters()).device,
-                           video_dir)
+    try:
+        returns = evaluate(agent, args.env_id, args.eval_episodes, args.seed + 1_000_000, args.device, video_dir)
         print(f"evaluation: {returns.mean():.1f} +/- {returns.std():.1f} over {len(returns)} episodes", flush=True)
         if path:
             write_atomically(path, json.dumps({"global_step": step, "mean": float(returns.mean()),
@@ -695,6 +645,10 @@ def train_in(harness: Harness, args: RunArgs, step: int) -> None:
     """train() with the harness's hook and signal handler, TensorBoard and videos; write errors as one line."""
     from torch.utils.tensorboard import SummaryWriter  # slow to import: only when training
 
+    print(f"{SCRIPT}: {args.env_id}, batches of {args.batch_size} ({args.num_envs} envs x {args.num_steps} steps), "
+          f"minibatches of {args.minibatch_size}, to step {harness.final:,}; run dir {harness.run_dir}", flush=True)
+    if compiles(args):
+        print("compiling gradient_step (torch.compile): the first iteration takes ~20 s longer", flush=True)
     video = os.path.join(harness.run_dir, "videos", f"train_from_step_{step}" if step else "train")
     envs = make_vector_env([make_env(args.env_id, video if args.capture_video and i == 0 else None)
                             for i in range(args.num_envs)])
@@ -702,55 +656,54 @@ def train_in(harness: Harness, args: RunArgs, step: int) -> None:
     try:  # on resume, TensorBoard drops what the run logged after its checkpoint
         harness.writer = writer = SummaryWriter(harness.run_dir, purge_step=step + 1 if step else None)
         if not step:
-            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-                f"|{k}|{v}|" for k, v in asdict(args).items()))
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
         train(args, harness.agent, harness.optimizer, envs, step, writer, harness.after_iteration, **harness.state)
         envs.close()  # the last video, then TensorBoard's last events, reach the disk here
         writer.close()
     except OSError as e:  # TensorBoard or video files
-        raise RunError(f"cannot write in {harness.run_dir} ({e.strerror or e}): training stopped; "
-                       f"{harness.last_checkpoint()}", 1) from None
+        raise RunError(f"cannot write in {harness.run_dir} ({e.strerror or e}): training stopped; {harness.intact}", 1) from None
     finally:
         for signum, handler in signals.items():
             signal.signal(signum, handler)
 
 
 def run(args: RunArgs, argv: list[str]) -> int:
-    """Check everything, then train or evaluate a checkpoint; the exit code. Nothing is written
-    before the checks pass."""
-    path = args.resume or args.eval_checkpoint
-    data, args = load_checkpoint(path, args, argv) if path else (None, args)
+    """Check everything (before anything is written), then train or evaluate a checkpoint; the exit code."""
+    import tyro
+
+    data = load_checkpoint(path := args.resume or args.eval_checkpoint) if args.resume or args.eval_checkpoint else None
+    if data:  # the run's own flags; the command line gives run control, and may change MAY_CHANGE
+        saved = {f.name: data["args"].get(f.name) for f in fields(Args)}
+        args = tyro.cli(RunArgs, args=argv, default=replace(args, **saved))
+        if changed := [n for n, value in saved.items() if n not in MAY_CHANGE and getattr(args, n) != value]:
+            raise RunError(f"--{changed[0].replace('_', '-')}: a checkpoint keeps its run's flags; only "
+                           f"{', '.join('--' + n.replace('_', '-') for n in MAY_CHANGE)} may change")
     if (error := args.check()) or (error := check_env(args.env_id)):
         raise RunError(error)
-    if args.target_return is not None and not args.eval_every:
-        args = replace(args, eval_every=max(1, args.num_iterations // 40))
     (agent, optimizer), state = make_agent_and_optimizer(args), training_state(args)
     progress = restore(data, agent, optimizer, state, path) if data else dict(global_step=0, iteration=0, best_eval=-math.inf)
-    step = progress["global_step"]
     if args.eval_checkpoint:
-        video_dir = os.path.join(os.path.dirname(path), "videos", f"eval_step_{step}") if args.capture_video else None
-        final_evaluation(args, agent, step, video_dir, None, "nothing else was written")
-        return 0
+        video_dir = os.path.join(os.path.dirname(path), "videos", "eval_checkpoint") if args.capture_video else None
+        return final_evaluation(args, agent, progress["global_step"], video_dir, None, "nothing else was written") or 0
+    if args.target_return is not None and not args.eval_every:
+        args = replace(args, eval_every=max(1, args.num_iterations // 40))
     name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = os.path.dirname(os.path.abspath(path)) if path else os.path.join(args.runs_dir, name)
+    run_dir = os.path.dirname(os.path.abspath(path)) if data else os.path.join(args.runs_dir, name)
     harness, evaluation = Harness(args, run_dir, agent, optimizer, state, progress), os.path.join(run_dir, "evaluation.json")
-    resume = f"python {SCRIPT}.py --resume {os.path.join(run_dir, 'checkpoint.pt')}"
-    if final_step(args, step) > step:
-        print(f"{SCRIPT}: {args.env_id}, batches of {args.batch_size} ({args.num_envs} envs x {args.num_steps} steps) "
-              f"to step {harness.final:,}, minibatches of {args.minibatch_size}, run dir {run_dir}", flush=True)
+    step, resume = progress["global_step"], f"python {SCRIPT}.py --resume {os.path.join(run_dir, 'checkpoint.pt')}"
+    if harness.final > step:
         try:
-            os.makedirs(run_dir, exist_ok=bool(path))
-        except OSError as e:  # FileExistsError: the same flags started a run in the same second
+            os.makedirs(run_dir, exist_ok=bool(data))
+        except OSError as e:  # FileExistsError: a run of the same name started in the same second
             raise RunError(f"cannot create {run_dir} ({e.strerror}): give another --runs-dir or --exp-name") from None
-        print("compiling gradient_step (torch.compile): the first iteration takes ~20 s longer" if compiles(args) else "")
         train_in(harness, args, step)
-    elif os.path.exists(evaluation) and json.load(open(evaluation)).get("global_step") == step:
+    elif os.path.exists(evaluation) and json.load(open(evaluation))["global_step"] == step:
         raise RunError(f"this run is finished at step {step:,}: raise --total-timesteps to train on")
     if harness.signum:
         print(f"stopped at step {harness.global_step:,}; checkpoint saved. Resume with:\n  {resume}", file=sys.stderr)
         return 128 + harness.signum
     final_evaluation(args, agent, harness.global_step, os.path.join(run_dir, "videos", "eval") if args.capture_video
-                     else None, evaluation, f"the run is trained and {harness.last_checkpoint()}: `{resume}` evaluates it")
+                     else None, evaluation, f"the run is trained and {harness.intact}: `{resume}` evaluates it")
     print(f"run dir: {run_dir}\n  tensorboard --logdir {os.path.dirname(run_dir)}")
     return 0
 
