@@ -1,42 +1,34 @@
 """PPO for discrete actions, in one file: LunarLander-v3 by default.
 
 Usage
-    python ppo_discrete.py --total-timesteps 2000000         # train, checkpoint, then evaluate
-    python ppo_discrete.py --env-id Acrobot-v1 --total-timesteps 500000
-    python ppo_discrete.py --eval-checkpoint runs/RUN/checkpoint.pt --capture-video
-    python ppo_discrete.py --resume runs/RUN/checkpoint.pt  # continue an interrupted run
-    python ppo_discrete.py --help                           # every flag, with its meaning
-    (tools/ watches a trained policy in a window, exports it to ONNX, makes GIFs.)
+    python ppo_discrete.py --total-timesteps 2000000   # train, checkpoint, then evaluate (--help: every flag)
+    python ppo_discrete.py --resume runs/RUN/checkpoint.pt   # or --eval-checkpoint PATH [--capture-video]
 
-Words used below
-    iteration    collect a rollout of num_steps steps in each of num_envs envs (one batch),
-                 then optimise on it
-    epoch        one pass over the whole batch, in shuffled minibatches
-    minibatch    batch_size // num_minibatches transitions: one gradient step
-    global_step  environment steps taken so far, counted over all envs
+Words used below: an iteration collects a rollout of num_steps steps in each of num_envs envs (one
+batch), then optimises on it; an epoch is one pass over the batch in shuffled minibatches; a minibatch
+(batch_size // num_minibatches transitions) is one gradient step; global_step counts env steps, all envs.
 
-Reading guide. To learn PPO, read sections 1-7 in order: 1 Args (the flags), 2 the env, 3 the
-Agent, 4 compute_gae, 5 ppo_loss, 6 one iteration (collect_rollout -> make_batch -> update, a
-gradient_step per minibatch), 7 evaluate, what is logged, and train(), the PPO paper's Algorithm
-1. Nothing in them uses anything defined later; nothing after them (8, the harness: run folder,
-checkpoints, Ctrl-C, resume, main) changes what is learned. The twin, ppo_continuous.py, has a
-Gaussian policy and normalizes observations and rewards; the functions both define are the same
-text but for a short list (tests/test_twins.py).
+Reading guide. To learn PPO, read sections 1-7 in order: 1 Args (the flags), 2 the env, 3 the Agent,
+4 compute_gae, 5 ppo_loss, 6 one iteration (collect_rollout -> make_batch -> update, a gradient_step
+per minibatch), 7 evaluate, what is logged, and train(), the PPO paper's Algorithm 1. Nothing in them
+uses anything defined later, and nothing after them (8, the harness: run folder, checkpoints, Ctrl-C,
+resume, main) changes what is learned. The twin, ppo_continuous.py, has a Gaussian policy and
+normalizes observations and rewards; what both define is the same text but for a short list
+(tests/test_twins.py).
 
-References: Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (arXiv:1707.06347);
-Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE" (arXiv:1506.02438);
+References: PPO, Schulman et al. 2017 (arXiv:1707.06347); GAE, Schulman et al. 2016 (arXiv:1506.02438);
 Huang et al. 2022, "The 37 Implementation Details of PPO" (ICLR blog track), cited as [37-n].
 """
 
-import os
 import signal
 
-if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds) exits quietly
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+if __name__ == "__main__":  # Ctrl-C outside training (imports included): a quiet exit, not a traceback
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import io  # noqa: E402 (after the handler)
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -60,15 +52,13 @@ class Args:
     comment says why: most are rl-baselines3-zoo's LunarLander settings, which beat cheaper variants
     in our trials (benchmark/RESULTS.md); the annealing is CleanRL's (the zoo's rate is constant)."""
 
-    env_id: str = "LunarLander-v3"  # Gymnasium id of an env with a Discrete action space and a flat Box observation
+    env_id: str = "LunarLander-v3"  # Gymnasium id of an env with Discrete actions and flat Box observations
     seed: int = 1  # seed of torch, numpy, random and the training envs (env i gets seed + i)
-    torch_deterministic: bool = True  # set torch.backends.cudnn.deterministic (only cuDNN kernels on a GPU care)
     cuda: bool = False  # train on the GPU (CleanRL's default is on; 64-wide MLPs train faster on the CPU)
     total_timesteps: int = 2_000_000  # environment steps to train for, over all envs
     # CleanRL: 2.5e-4. Annealed to learning_rate / num_iterations at the end: late landings settle.
     learning_rate: float = 3e-4  # Adam learning rate at the start (annealed linearly towards 0 with --anneal-lr)
-    # CleanRL: 4 x 128. More envs: a 16-row forward costs about what a 4-row one does. Longer
-    # rollouts: a batch of 16384 steps spans many of Lunar Lander's episodes (up to 1000 steps).
+    # CleanRL: 4 x 128. A 16-row forward costs about what a 4-row one does; 16384 steps span many episodes.
     num_envs: int = 16  # parallel envs in the (synchronous) vector env
     num_steps: int = 1024  # steps per env in each rollout
     anneal_lr: bool = True  # anneal the learning rate linearly towards 0 over training [37-4]
@@ -87,70 +77,59 @@ class Args:
     max_grad_norm: float = 0.5  # global gradient-norm clipping threshold [37-11]
     target_kl: Optional[float] = None  # stop an iteration's epochs early once approx_kl exceeds this (off when unset)
     hidden_size: int = 64  # width of the two hidden layers of the actor and of the critic
-    # torch.compile of gradient_step itself (LeanRL's way): the same text, faster once compiled.
-    compile: bool = True  # torch.compile gradient_step where it pays (see compiles()); needs a C++ compiler
+    compile: bool = True  # torch.compile gradient_step itself (LeanRL's way) where it pays: see `compiles`
 
-    # Derived sizes: computed, never flags (CleanRL overwrites such flags silently).
+    # Derived: computed, never flags (CleanRL overwrites such flags silently)
     batch_size = property(lambda self: self.num_envs * self.num_steps)
     minibatch_size = property(lambda self: self.batch_size // self.num_minibatches)
     num_iterations = property(lambda self: self.total_timesteps // self.batch_size)
     device = property(lambda self: torch.device("cuda" if self.cuda else "cpu"))
+    # Compiling (~20 s) is won back after ~60,000 gradient steps (benchmark/RESULTS.md): shorter runs stay eager.
+    compiles = property(lambda self: self.compile and self.num_iterations * self.update_epochs * self.num_minibatches
+                        >= 60_000)
 
     def check(self) -> Optional[str]:
         """The first flag that cannot train, as one line saying what to do; None if all can."""
-        # Any float flag first: inf or nan would train silently into NaN weights.
-        rules = [(f.name, lambda x: not isinstance(x, float) or math.isfinite(x), "a finite number") for f in fields(self)]
-        rules += [("total_timesteps num_envs num_steps num_minibatches update_epochs hidden_size learning_rate "
-                  "clip_coef max_grad_norm", lambda x: x > 0, "positive"), ("ent_coef vf_coef", lambda x: x >= 0,
-                  "0 or more"), ("gamma gae_lambda", lambda x: 0 <= x <= 1, "lie in [0, 1]"),
-                 ("seed", lambda x: 0 <= x < 2**31, "lie in [0, 2^31)"),  # env seeds count up from it
-                 ("target_kl", lambda x: x is None or x > 0, "positive (leave it out to turn it off)")]
-        for name, ok, what in ((n, ok, what) for names, ok, what in rules for n in names.split()):
-            if not ok(getattr(self, name)):
-                verb = what if what.startswith("lie") else f"be {what}"
-                return f"--{name.replace('_', '-')} must {verb}, got {getattr(self, name)}"
+        rules = [("finite", lambda x: not isinstance(x, float) or math.isfinite(x), [f.name for f in fields(self)]),
+                 ("positive", lambda x: x > 0, "total_timesteps num_envs num_steps num_minibatches update_epochs "
+                  "hidden_size learning_rate clip_coef max_grad_norm".split()),  # finite first: nan is never > 0
+                 ("0 or more", lambda x: x >= 0, ["ent_coef", "vf_coef"]),
+                 ("in [0, 1]", lambda x: 0 <= x <= 1, ["gamma", "gae_lambda"]),
+                 ("in [0, 2^31)", lambda x: 0 <= x < 2**31, ["seed"]),  # env seeds count up from it
+                 ("positive (leave it out to turn it off)", lambda x: x is None or x > 0, ["target_kl"])]
+        for what, ok, names in rules:
+            if bad := next((name for name in names if not ok(getattr(self, name))), None):
+                return f"--{bad.replace('_', '-')} must be {what}, got {getattr(self, bad)}"
         if self.batch_size % self.num_minibatches:
             return (f"the batch of {self.batch_size} (--num-envs x --num-steps) does not split into "
                     f"{self.num_minibatches} equal minibatches: change --num-minibatches")
         if self.norm_adv and self.minibatch_size < 2:
-            return (f"minibatches of {self.minibatch_size} cannot normalize advantages: lower "
-                    "--num-minibatches or pass --no-norm-adv")
+            return f"minibatches of {self.minibatch_size} cannot normalize advantages: lower --num-minibatches"
         if self.total_timesteps < self.batch_size:
-            return (f"--total-timesteps {self.total_timesteps} is less than one batch of "
-                    f"{self.batch_size} (--num-envs x --num-steps): raise it or shrink the batch")
+            return (f"--total-timesteps {self.total_timesteps} is less than one batch of {self.batch_size} "
+                    "(--num-envs x --num-steps): raise it or shrink the batch")
         return None
 
 
 # 2. Environment ----------------------------------------------------------------------------------
 def make_env(env_id: str, video_dir: Optional[str] = None, video_trigger=None):
-    """A thunk that builds one env; `video_dir` records its episodes as mp4 (by default episodes
-    0, 1, 8, 27, ..., 1000, 2000, ...)."""
+    """A thunk that builds one env; video_dir records mp4s (by default of episodes 0, 1, 8, 27, ..., 1000, 2000...)."""
 
     def thunk():
-        # A render mode only when one is needed: an env that cannot render need not accept it.
-        env = gym.make(env_id, render_mode="rgb_array") if video_dir else gym.make(env_id)
+        env = gym.make(env_id, render_mode="rgb_array") if video_dir else gym.make(env_id)  # only if needed
         if video_dir is not None:
             env = gym.wrappers.RecordVideo(env, video_dir, episode_trigger=video_trigger, disable_logger=True)
-        # Puts the episode's return and length into the info of its last step.
-        return gym.wrappers.RecordEpisodeStatistics(env)
+        return gym.wrappers.RecordEpisodeStatistics(env)  # the return and length, in the last step's info
 
     return thunk
 
 
 def make_vector_env(env_fns) -> gym.vector.SyncVectorEnv:
-    # SyncVectorEnv: on 2 cores AsyncVectorEnv's inter-process traffic costs more than it gains.
-    # SAME_STEP autoreset: an episode's last step returns the next episode's first observation and
-    # puts the true last one in infos["final_obs"], so no dummy step is stored (the 1.x default,
-    # NEXT_STEP, inserts one after each episode) and a truncation can bootstrap from it.
+    # SyncVectorEnv: on 2 cores AsyncVectorEnv's inter-process traffic costs more than it gains. SAME_STEP
+    # autoreset: an episode's last step returns the next episode's first observation and puts the true last
+    # one in infos["final_obs"], so no dummy step is stored (the 1.x default, NEXT_STEP, inserts one after
+    # each episode) and a truncation can bootstrap from it.
     return gym.vector.SyncVectorEnv(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-
-
-def env_shapes(env_id: str) -> tuple[int, int]:
-    """(observation size, number of actions)."""
-    env = gym.make(env_id)
-    obs_dim, n_actions = env.observation_space.shape[0], int(env.action_space.n)
-    env.close()
-    return obs_dim, n_actions
 
 
 # 3. Agent ----------------------------------------------------------------------------------------
@@ -160,33 +139,27 @@ def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.
     return layer
 
 
-class Agent(nn.Module):
-    """Separate actor and critic MLPs (no shared trunk [37-13]).
+def mlp(n_in: int, n_out: int, hidden_size: int, out_std: float) -> nn.Sequential:
+    """Two tanh hidden layers [37-2]; out_std scales the last layer's initial weights."""
+    return nn.Sequential(layer_init(nn.Linear(n_in, hidden_size)), nn.Tanh(),
+                         layer_init(nn.Linear(hidden_size, hidden_size)), nn.Tanh(),
+                         layer_init(nn.Linear(hidden_size, n_out), std=out_std))
 
-    obs: (B, obs_dim) float32. The actor gives (B, n_actions) logits, the critic (B,) values.
-    """
+
+class Agent(nn.Module):
+    """Separate actor and critic MLPs (no shared trunk [37-13]): obs (B, obs_dim) -> logits (B, n), values (B,)."""
 
     def __init__(self, obs_dim: int, n_actions: int, hidden_size: int = 64):
         super().__init__()
-        self.critic = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, hidden_size)), nn.Tanh(),
-            layer_init(nn.Linear(hidden_size, hidden_size)), nn.Tanh(),
-            layer_init(nn.Linear(hidden_size, 1), std=1.0),
-        )
-        self.actor = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, hidden_size)), nn.Tanh(),
-            layer_init(nn.Linear(hidden_size, hidden_size)), nn.Tanh(),
-            # A 0.01 scale makes the first policy near-uniform over actions [37-2].
-            layer_init(nn.Linear(hidden_size, n_actions), std=0.01),
-        )
+        self.critic = mlp(obs_dim, 1, hidden_size, out_std=1.0)
+        self.actor = mlp(obs_dim, n_actions, hidden_size, out_std=0.01)  # 0.01: a near-uniform first policy [37-2]
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(obs).squeeze(-1)
 
     def sample_action(self, obs: torch.Tensor) -> torch.Tensor:
-        """One action per row, drawn from softmax(logits)."""
-        # The draw Categorical(logits=...).sample() makes, without building that object at
-        # every env step, which made the headline run about a tenth slower (benchmark/RESULTS.md).
+        """One action per row, drawn from softmax(logits): what Categorical(logits=...).sample() draws,
+        without building that object at every env step (a tenth of the run's time, benchmark/RESULTS.md)."""
         return torch.multinomial(self.actor(obs).softmax(-1), 1).squeeze(-1)
 
     def deterministic_action(self, obs: torch.Tensor) -> torch.Tensor:
@@ -197,21 +170,18 @@ class Agent(nn.Module):
         """log pi(action|obs), the policy's entropy and V(obs), each of shape (B,)."""
         logp = self.actor(obs).log_softmax(-1)
         logprob = logp.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
-        entropy = -(logp.exp() * logp).sum(-1)
-        return logprob, entropy, self.value(obs)
+        return logprob, -(logp.exp() * logp).sum(-1), self.value(obs)
 
 
 # 4. Advantages -----------------------------------------------------------------------------------
 def compute_gae(*, rewards, values, next_values, terminations, dones, gamma, gae_lambda):
     """Generalized Advantage Estimation (GAE paper, eq. 16): TD errors, then a discounted sum.
 
-    Float tensors of shape (T, N), T steps of N envs: rewards[t] follows the action at t; values[t]
-    is V(s_t); next_values[t] is V of the true s_t+1 (an ended episode's final observation, never
-    the next one's first); terminations[t] is 1 if s_t+1 is terminal (no bootstrap); dones[t] is 1
-    if the episode ended at t, terminated or truncated (the sum stops there). A truncation has
-    dones = 1 but terminations = 0: it still bootstraps from V(final observation). Returns
-    (advantages, value_targets = advantages + values, what the critic learns), each (T, N).
-    """
+    Float tensors of shape (T, N), T steps of N envs: rewards[t] follows the action at t; values[t] is
+    V(s_t); next_values[t] is V of the true s_t+1 (an ended episode's final observation, never the next
+    one's first); terminations[t] is 1 if s_t+1 is terminal (no bootstrap); dones[t] is 1 if the episode
+    ended at t, terminated or truncated (the sum stops there): a truncation still bootstraps from
+    V(final observation). Returns (advantages, value_targets = advantages + values), each (T, N)."""
     # delta_t = r_t + gamma * V(s_t+1) * (1 - terminal) - V(s_t)
     deltas = rewards + gamma * (1.0 - terminations) * next_values - values
     # A_t = delta_t + gamma * lambda * A_t+1, cut where the episode ended; A_T = 0 past the end.
@@ -232,14 +202,12 @@ def ppo_loss(*, newlogprob, oldlogprob, advantages, newvalue, oldvalue, value_ta
     logratio = newlogprob - oldlogprob
     ratio = logratio.exp()
     # Clipped surrogate (PPO paper, eq. 7): the pessimistic minimum, as the maximum of the negatives
-    pg_loss = torch.max(-advantages * ratio,
-                        -advantages * ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef)).mean()
-    if clip_vloss:
-        # The new value may move at most clip_coef from the old one without paying for it [37-9].
+    pg_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_coef, 1.0 + clip_coef)).mean()
+    v_loss = 0.5 * (newvalue - value_targets) ** 2
+    if clip_vloss:  # the new value may move at most clip_coef from the old one without paying for it [37-9]
         v_clipped = oldvalue + (newvalue - oldvalue).clamp(-clip_coef, clip_coef)
-        v_loss = 0.5 * torch.max((newvalue - value_targets) ** 2, (v_clipped - value_targets) ** 2).mean()
-    else:
-        v_loss = 0.5 * ((newvalue - value_targets) ** 2).mean()
+        v_loss = torch.max(v_loss, 0.5 * (v_clipped - value_targets) ** 2)
+    v_loss = v_loss.mean()
     # CleanRL's name, though it is a bonus: the mean entropy, subtracted from the loss below.
     entropy_loss = entropy.mean()
     # PPO paper, eq. 9, with the entropy bonus and the value loss weighted
@@ -261,12 +229,12 @@ class Rollout(NamedTuple):
     rewards: np.ndarray       # r_t, received after a_t
     next_obs: np.ndarray      # the true s_t+1: an ended episode's final observation, not the reset one
     terminations: np.ndarray  # 1 if s_t+1 is terminal (the episode ended in the env's own terms)
-    truncations: np.ndarray   # 1 if a time limit cut the episode at s_t+1 (both flags can be 1: then it is terminal)
+    truncations: np.ndarray   # 1 if a time limit cut the episode at s_t+1 (if both are 1, it is terminal)
 
-
-def new_rollout(num_steps: int, num_envs: int, obs_dim: int, action_shape: tuple, action_dtype) -> Rollout:
-    zeros = lambda *shape, dtype=np.float32: np.zeros((num_steps, num_envs, *shape), dtype=dtype)  # noqa: E731
-    return Rollout(obs=zeros(obs_dim), actions=zeros(*action_shape, dtype=action_dtype), rewards=zeros(),
+    @classmethod
+    def zeros(cls, num_steps: int, num_envs: int, obs_dim: int, action_shape: tuple, action_dtype) -> "Rollout":
+        zeros = lambda *shape, dtype=np.float32: np.zeros((num_steps, num_envs, *shape), dtype=dtype)  # noqa: E731
+        return cls(obs=zeros(obs_dim), actions=zeros(*action_shape, dtype=action_dtype), rewards=zeros(),
                    next_obs=zeros(obs_dim), terminations=zeros(), truncations=zeros())
 
 
@@ -277,10 +245,9 @@ class Episode(NamedTuple):
     truncated: bool  # cut by a time limit, not terminal
 
 
-def collect_rollout(*, envs, agent: nn.Module, obs: np.ndarray, rollout: Rollout,
-                    global_step: int) -> tuple[np.ndarray, list[Episode]]:
-    """Phase 1: act with the current policy for T steps in each of the N envs, filling `rollout`,
-    from obs (N, obs_dim). Returns (the observations to act on next, the episodes that ended)."""
+def collect_rollout(*, envs, agent: nn.Module, obs: np.ndarray, rollout: Rollout, global_step: int) -> tuple:
+    """Phase 1: act with the current policy for T steps in each of the N envs, from obs (N, obs_dim), filling
+    `rollout`. Returns (the observations to act on next, the episodes that ended)."""
     device = next(agent.parameters()).device
     num_steps, num_envs = rollout.rewards.shape
     episodes = []
@@ -292,12 +259,11 @@ def collect_rollout(*, envs, agent: nn.Module, obs: np.ndarray, rollout: Rollout
             rollout.actions[step], rollout.rewards[step] = action, reward
             rollout.terminations[step], rollout.truncations[step] = terminated, truncated
             rollout.next_obs[step] = obs
-            # Gymnasium 1.x vector envs return infos as a dict of arrays over the envs, each key
-            # with a boolean mask "_key" that says which envs it holds a value for.
+            # Gymnasium 1.x infos: a dict of arrays over the envs, each key with a mask "_key" of the envs it
+            # holds. SAME_STEP autoreset: `obs` already starts the next episode in the envs that just ended
+            # one; their true s_t+1 is in final_obs (to bootstrap a truncation), and RecordEpisodeStatistics
+            # put the return and length in final_info["episode"].
             if "final_obs" in infos:
-                # SAME_STEP autoreset: `obs` already starts the next episode in the envs that just
-                # ended one; their true s_t+1 is in final_obs (needed to bootstrap a truncation),
-                # and RecordEpisodeStatistics put the return and length in final_info["episode"].
                 ended = np.flatnonzero(infos["_final_obs"])
                 rollout.next_obs[step, ended] = np.stack(infos["final_obs"][ended])
                 stats = infos["final_info"]["episode"]
@@ -317,11 +283,9 @@ class Batch(NamedTuple):
     values: torch.Tensor         # V_old(s_t), for value clipping and the explained variance
 
 
-def make_batch(*, agent: nn.Module, rollout: Rollout, rewards: np.ndarray, gamma: float,
-               gae_lambda: float) -> Batch:
-    """Phase 2: old log-probs and values, GAE, and flattening. `rewards` (T, N): rollout.rewards
-    or a scaled copy. The policy did not change during the rollout, so one batched pass here gives
-    the old log-probs and values of all T*N steps, instead of T small ones while acting."""
+def make_batch(*, agent: nn.Module, rollout: Rollout, rewards: np.ndarray, gamma: float, gae_lambda: float) -> Batch:
+    """Phase 2: old log-probs and values (one batched pass: the policy did not change during the rollout),
+    GAE, and flattening. rewards (T, N): rollout.rewards, or a scaled copy."""
     device = next(agent.parameters()).device
     T, N = rollout.rewards.shape
     as_tensor = lambda x: torch.from_numpy(x).to(device)  # noqa: E731
@@ -337,16 +301,15 @@ def make_batch(*, agent: nn.Module, rollout: Rollout, rewards: np.ndarray, gamma
 
 
 def gradient_step(*, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Batch, args: Args) -> dict:
-    """One minibatch: the loss, its gradient, clipped to a global norm of max_grad_norm [37-11],
-    then the optimizer's step. Returns ppo_loss's parts. The one step to edit."""
+    """One minibatch: the loss, its gradient clipped to a global norm [37-11], the optimizer's step; ppo_loss's
+    parts. The one text of the step, compiled or not: edit it here."""
     newlogprob, entropy, newvalue = agent.logprob_entropy_value(mb.obs, mb.actions)
     advantages = mb.advantages
     if args.norm_adv:  # per minibatch [37-7]
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    loss, parts = ppo_loss(newlogprob=newlogprob, oldlogprob=mb.logprobs, advantages=advantages,
-                           newvalue=newvalue, oldvalue=mb.values, value_targets=mb.value_targets, entropy=entropy,
-                           clip_coef=args.clip_coef, vf_coef=args.vf_coef, ent_coef=args.ent_coef,
-                           clip_vloss=args.clip_vloss)
+    loss, parts = ppo_loss(newlogprob=newlogprob, oldlogprob=mb.logprobs, advantages=advantages, newvalue=newvalue,
+                           oldvalue=mb.values, value_targets=mb.value_targets, clip_vloss=args.clip_vloss,
+                           entropy=entropy, clip_coef=args.clip_coef, vf_coef=args.vf_coef, ent_coef=args.ent_coef)
     optimizer.zero_grad()
     loss.backward()
     # foreach, and Adam's fused=True: one kernel for all parameters, not a loop (benchmark/RESULTS.md)
@@ -355,14 +318,12 @@ def gradient_step(*, agent: nn.Module, optimizer: torch.optim.Optimizer, mb: Bat
     return parts
 
 
-def update(*, agent: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, args: Args,
-           step_fn=gradient_step) -> dict[str, float]:
+def update(*, agent: nn.Module, optimizer, batch: Batch, args: Args, step_fn=gradient_step) -> dict[str, float]:
     """Phase 3: update_epochs passes over the batch in shuffled minibatches, a step_fn each
     (gradient_step, or torch.compile of it). Returns ppo_loss's parts, averaged over the steps."""
     parts_per_step = []
     for epoch in range(args.update_epochs):
-        # A new order each epoch: every transition lands in exactly one minibatch.
-        perm = torch.randperm(args.batch_size, device=batch.obs.device)
+        perm = torch.randperm(args.batch_size, device=batch.obs.device)  # each transition in one minibatch
         for start in range(0, args.batch_size, args.minibatch_size):
             mb = Batch(*(x[perm[start:start + args.minibatch_size]] for x in batch))
             parts = step_fn(agent=agent, optimizer=optimizer, mb=mb, args=args)
@@ -377,21 +338,20 @@ def update(*, agent: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, 
 @torch.no_grad()
 def evaluate(agent: nn.Module, env_id: str, n_episodes: int, seed: int, device="cpu",
              video_dir: Optional[str] = None, max_envs: int = 25) -> np.ndarray:
-    """Returns of n_episodes episodes of the deterministic policy. Env i of min(n_episodes,
-    max_envs) is seeded seed + i and plays a fixed share (the first n to end would favour short ones)."""
+    """Returns of n_episodes episodes of the deterministic policy. Env i of min(n_episodes, max_envs) is
+    seeded seed + i and plays a fixed share (the first n episodes to end would favour short ones)."""
     n_envs = min(n_episodes, max_envs)
-    quota = np.array([n_episodes // n_envs + (i < n_episodes % n_envs) for i in range(n_envs)])
-    envs = make_vector_env([make_env(env_id, video_dir if i == 0 else None,
-                                     lambda ep: ep < quota[0]) for i in range(n_envs)])
+    quota = [n_episodes // n_envs + (i < n_episodes % n_envs) for i in range(n_envs)]
+    envs = make_vector_env([make_env(env_id, video_dir if i == 0 else None, lambda ep: ep < quota[0])
+                            for i in range(n_envs)])
     eval_returns: list[list[float]] = [[] for _ in range(n_envs)]
     obs, _ = envs.reset(seed=seed)
     while any(len(r) < q for r, q in zip(eval_returns, quota)):
         action = agent.deterministic_action(torch.as_tensor(obs, dtype=torch.float32, device=device))
         obs, _, _, _, infos = envs.step(action.cpu().numpy())
-        if "final_info" in infos:
-            for i in np.flatnonzero(infos["final_info"]["_episode"]):
-                if len(eval_returns[i]) < quota[i]:
-                    eval_returns[i].append(float(infos["final_info"]["episode"]["r"][i]))
+        for i in np.flatnonzero(infos["final_info"]["_episode"]) if "final_info" in infos else []:
+            if len(eval_returns[i]) < quota[i]:
+                eval_returns[i].append(float(infos["final_info"]["episode"]["r"][i]))
     envs.close()
     return np.array([r for per_env in eval_returns for r in per_env])
 
@@ -400,11 +360,12 @@ def make_agent_and_optimizer(args: Args) -> tuple[Agent, torch.optim.Optimizer]:
     random.seed(args.seed)  # before the weights are drawn
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    agent = Agent(*env_shapes(args.env_id), args.hidden_size).to(args.device)
-    # eps: [37-3]. fused: one kernel for all parameters. The learning rate is a tensor that the
-    # schedule changes in place, so a compiled gradient_step is not recompiled for each new value.
-    lr = torch.tensor(args.learning_rate, device=args.device)
+    env = gym.make(args.env_id)  # for its sizes
+    agent = Agent(env.observation_space.shape[0], int(env.action_space.n), args.hidden_size).to(args.device)
+    env.close()
+    # eps: [37-3]. fused: one kernel for all parameters. The learning rate is a tensor (float64, as a
+    # Python float is) that the schedule changes in place: a compiled step is not recompiled for it.
+    lr = torch.tensor(args.learning_rate, dtype=torch.float64, device=args.device)
     return agent, torch.optim.Adam(agent.parameters(), lr=lr, eps=1e-5, fused=True)
 
 
@@ -415,14 +376,6 @@ def final_step(args: Args, global_step: int = 0) -> int:  # after the last whole
 def learning_rate_at(args: Args, global_step: int, last_step: int) -> float:
     """Linear annealing [37-4]: learning_rate at 0, learning_rate * batch_size / last_step at the end."""
     return args.learning_rate * (1.0 - global_step / last_step if args.anneal_lr else 1.0)
-
-
-COMPILE_MIN_STEPS = 60_000  # compiling (~20 s) is won back after about this many gradient steps (RESULTS.md)
-
-
-def compiles(args: Args) -> bool:
-    """Whether train() compiles gradient_step: only where it pays."""
-    return args.compile and args.num_iterations * args.update_epochs * args.num_minibatches >= COMPILE_MIN_STEPS
 
 
 def log_iteration(writer, *, global_step: int, episodes: list[Episode], losses: dict, batch: Batch,
@@ -442,15 +395,14 @@ def log_iteration(writer, *, global_step: int, episodes: list[Episode], losses: 
 
 def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None, global_step: int = 0,
           writer=None, after_iteration=None) -> int:
-    """PPO (the paper's Algorithm 1) from global_step (0, or a resumed run's) for the whole batches
-    that fit in total_timesteps; returns the step reached. writer: TensorBoard's, or None.
-    after_iteration(global_step=, episodes=, losses=) returns True to stop (the harness's hook)."""
+    """PPO (the paper's Algorithm 1) from global_step (0, or a resumed run's) to final_step; returns the step
+    reached. writer: TensorBoard's or None; after_iteration(global_step=, episodes=, losses=): True stops."""
     envs = envs or make_vector_env([make_env(args.env_id) for _ in range(args.num_envs)])
     start_step, start_time, last_step = global_step, time.perf_counter(), final_step(args, global_step)
     # Env i starts from seed + i; a resumed run starts its new episodes from fresh seeds.
     obs, _ = envs.reset(seed=args.seed + global_step // args.num_steps)
-    rollout = new_rollout(args.num_steps, args.num_envs, envs.single_observation_space.shape[0], (), np.int64)
-    step_fn = torch.compile(gradient_step) if compiles(args) else gradient_step
+    rollout = Rollout.zeros(args.num_steps, args.num_envs, envs.single_observation_space.shape[0], (), np.int64)
+    step_fn = torch.compile(gradient_step) if args.compiles else gradient_step  # the same text, traced
     while global_step < last_step:
         lr = learning_rate_at(args, global_step, last_step)
         optimizer.param_groups[0]["lr"].fill_(lr)
@@ -460,8 +412,8 @@ def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None,
         losses = update(agent=agent, optimizer=optimizer, batch=batch, args=args, step_fn=step_fn)
         global_step += args.batch_size
         if writer is not None:
-            log_iteration(writer, global_step=global_step, episodes=episodes, losses=losses, batch=batch, learning_rate=lr,
-                          sps=(global_step - start_step) / (time.perf_counter() - start_time))
+            log_iteration(writer, global_step=global_step, episodes=episodes, losses=losses, batch=batch,
+                          learning_rate=lr, sps=(global_step - start_step) / (time.perf_counter() - start_time))
         if after_iteration is not None and after_iteration(global_step=global_step, episodes=episodes, losses=losses):
             break
     envs.close()
@@ -469,13 +421,12 @@ def train(args: Args, agent: Agent, optimizer: torch.optim.Optimizer, envs=None,
 
 
 # 8. The harness ---------------------------------------------------------------------------------
-# What makes the file a tool: run-control flags, the run folder, progress lines, checkpoints,
-# Ctrl-C, resume, evaluation, the command line. Nothing below changes what is learned.
+# Run control, checkpoints, Ctrl-C, resume, evaluation, the command line: nothing below changes what is learned.
 MAY_CHANGE = ("total_timesteps", "cuda", "compile")  # the algorithm's flags a resumed run may change
 
 
 class RunError(Exception):
-    """RunError(line, code=2): one line for the user and the exit code (2 bad input, 1 a fault)."""
+    """RunError(line, code=2): one line for the user, and the exit code (2: bad input, 1: a fault)."""
 
 
 @dataclass
@@ -484,29 +435,24 @@ class RunArgs(Args):
 
     exp_name: str = SCRIPT  # name of the experiment: part of the run folder's name
     runs_dir: str = "runs"  # folder of the run folders (TensorBoard logs, checkpoints, videos)
-    capture_video: bool = False  # record mp4s of env 0 in training (episodes 0, 1, 8, 27, ...) and of evaluations
+    capture_video: bool = False  # record mp4s of the final evaluation (or of --eval-checkpoint) in the run folder
     eval_episodes: int = 100  # episodes of the final deterministic evaluation, and of --eval-checkpoint
-    eval_every: int = 0  # evaluate every N iterations, keeping the best policy as best.pt (0: off)
-    periodic_eval_episodes: int = 20  # episodes of each periodic evaluation
-    target_return: Optional[float] = None  # stop once a periodic evaluation reaches this (default: 40 evaluations)
+    eval_every: int = 0  # evaluate (eval_episodes / 5 episodes) every N iterations, keep the best as best.pt (0: off)
+    target_return: Optional[float] = None  # stop once a periodic evaluation reaches it (default: 40 of them)
     checkpoint_every: int = 50  # write checkpoint.pt every N iterations (also at the end and on Ctrl-C)
-    print_every: float = 5.0  # seconds between progress lines
     resume: Optional[str] = None  # checkpoint.pt of a run to continue, in its folder, with its flags
     eval_checkpoint: Optional[str] = None  # evaluate this checkpoint's deterministic policy, without training
 
     def check(self) -> Optional[str]:
-        """The first thing wrong with the flags, as one line saying what to do, or None."""
-        if error := super().check():
-            return error
-        if min(self.eval_episodes, self.periodic_eval_episodes, self.checkpoint_every) < 1 or self.eval_every < 0:
-            return "--eval-episodes, --periodic-eval-episodes and --checkpoint-every must be positive, --eval-every >= 0"
+        if min(self.eval_episodes, self.checkpoint_every) < 1 or self.eval_every < 0:
+            return "--eval-episodes and --checkpoint-every must be positive, --eval-every 0 or more"
         if self.resume and self.eval_checkpoint:
             return "give --resume or --eval-checkpoint, not both"
         if self.cuda and not torch.cuda.is_available():
             return "--cuda was given but torch sees no CUDA device: drop --cuda"
-        if compiles(self) and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
+        if self.compiles and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
             return "torch.compile needs a C++ compiler (g++, clang++ or $CXX): install one, or pass --no-compile"
-        return None
+        return super().check()
 
 
 def check_env(env_id: str) -> Optional[str]:
@@ -517,27 +463,11 @@ def check_env(env_id: str) -> Optional[str]:
         return f"cannot make env {env_id!r} ({(str(e).strip() or type(e).__name__).splitlines()[0]}): pick another"
     obs, space = env.observation_space, env.action_space
     env.close()
-    if isinstance(space, gym.spaces.Box):
-        return f"{env_id} has a continuous (Box) action space: use ppo_continuous.py"
-    if not (isinstance(space, gym.spaces.Discrete) and space.start == 0 and isinstance(obs, gym.spaces.Box)
-            and len(obs.shape) == 1):
-        return f"{env_id} has observations {obs} and actions {space}: this script needs a flat Box and Discrete(n)"
-    return None
-
-
-def training_state(args: Args) -> dict:
-    """What training keeps besides the agent and the optimizer, by checkpoint entry: nothing here."""
-    return {}
-
-
-def write_atomically(path: str, data: bytes) -> None:
-    """A temp file beside path, flushed to the disk, then renamed over it: a crash or a full disk
-    leaves the old file whole (a temp file left by a kill is overwritten by the next write)."""
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    if isinstance(space, gym.spaces.Discrete) and space.start == 0 and isinstance(obs, gym.spaces.Box) and len(
+            obs.shape) == 1:
+        return None
+    return f"{env_id} has observations {obs} and actions {space}: this script needs a flat Box and Discrete(n)" + (
+        " (Box actions: ppo_continuous.py)" if isinstance(space, gym.spaces.Box) else "")
 
 
 def load_checkpoint(path: str) -> dict:
@@ -546,62 +476,76 @@ def load_checkpoint(path: str) -> dict:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing, a folder, truncated, not a torch file, holds more than tensors
         reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-        raise RunError(f"cannot read {path} as a checkpoint ({reason}): give a run's checkpoint.pt or best.pt") from None
+        raise RunError(f"cannot read {path} as a checkpoint ({reason}): give a run's checkpoint.pt") from None
     if not isinstance(data, dict) or data.get("script") != SCRIPT or not isinstance(data.get("args"), dict):
         other = data.get("script") if isinstance(data, dict) else None
         raise RunError(f"{path} is not a checkpoint of {SCRIPT}.py" + (f" but of {other}.py" if other else ""))
     return data
 
 
-def restore(data: dict, agent: Agent, optimizer: torch.optim.Optimizer, state: dict, path: str) -> dict:
-    """Load a checkpoint into the agent, the optimizer, training_state() and torch's RNG (the only
-    one training draws from); its progress."""
-    try:
-        agent.load_state_dict(data["model"])
-        optimizer.load_state_dict(data["optimizer"])
-        for name, module in state.items():
-            module.load_state_dict(data[name])
-        torch.set_rng_state(data["rng"])
-        assert all(p.isfinite().all() for p in agent.parameters()) and data["global_step"] >= 0
-        return {k: data[k] for k in ("global_step", "iteration", "best_eval")}
-    except Exception as e:  # RuntimeError: tensors of other shapes; KeyError, TypeError ...: a damaged file
-        raise RunError(f"{path} does not fit {data['args']['env_id']} with hidden layers of {data['args']['hidden_size']}"
-                       f" ({type(e).__name__}): it is damaged, or the env changed since it was written") from None
-
-
 class Harness:
-    """Run control in train()'s after_iteration hook: the divergence check, progress lines,
-    periodic evaluations with best.pt and --target-return, checkpoints; and the handler of Ctrl-C
-    and SIGTERM while training (a stop after the current iteration, with its checkpoint)."""
+    """A run from the command line: its checkpoint restored; train() with after_iteration (divergence check,
+    progress, periodic evaluations, best.pt, --target-return, checkpoints); Ctrl-C; the final evaluation."""
 
-    def __init__(self, args: RunArgs, run_dir: str, agent: Agent, optimizer, state: dict, progress: dict):
-        self.args, self.run_dir, self.agent, self.optimizer, self.state = args, run_dir, agent, optimizer, state
-        self.global_step, self.iteration, self.best_eval = progress.values()
-        self.final, self.signum, self.returns, self.writer = final_step(args, self.global_step), 0, deque(maxlen=20), None
-        self.last_print, self.last_step, self.intact = time.perf_counter(), self.global_step, (
-            f"{run_dir}/checkpoint.pt (step {self.global_step:,}) is intact" if self.global_step else "nothing was saved")
+    def __init__(self, args: RunArgs, run_dir: str, agent: Agent, optimizer, data: Optional[dict], path: str):
+        self.args, self.run_dir, self.agent, self.optimizer, self.writer = args, run_dir, agent, optimizer, None
+        self.global_step, self.iteration, self.best_eval, self.intact = 0, 0, -math.inf, "nothing was saved yet"
+        try:  # the weights, the optimizer and torch's RNG (the only one training draws from)
+            if data:
+                agent.load_state_dict(data["model"])
+                optimizer.load_state_dict(data["optimizer"])
+                torch.set_rng_state(data["rng"])
+                self.global_step, self.iteration, self.best_eval = map(data.get, ("global_step", "iteration", "best_eval"))
+                assert all(p.isfinite().all() for p in agent.parameters()) and self.global_step >= 0
+                self.intact = f"{path} (step {self.global_step:,}) is intact"
+        except Exception as e:  # RuntimeError: tensors of other shapes; KeyError, TypeError ...: a damaged file
+            raise RunError(f"{path} does not fit {args.env_id} with hidden layers of {args.hidden_size} "
+                           f"({type(e).__name__}): it is damaged, or the env changed") from None
+        self.final, self.signum, self.returns = final_step(args, self.global_step), 0, deque(maxlen=20)
+        self.last_print, self.last_step = time.perf_counter(), self.global_step
 
     def __call__(self, signum, frame):
         if self.signum:  # a second Ctrl-C: at once; checkpoint.pt stays the last one written whole
             os._exit(128 + signum)
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this iteration (again: quit now)", file=sys.stderr)
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this iteration (again: quit now)",
+              file=sys.stderr)
+
+    def train(self) -> None:
+        """train() with this hook and signal handler, TensorBoard and videos; a write error is one line."""
+        from torch.utils.tensorboard import SummaryWriter  # slow to import: only when training
+        args, step = self.args, self.global_step
+        print(f"{SCRIPT}: {args.env_id}, batches of {args.batch_size} (minibatches of {args.minibatch_size}) to step "
+              f"{self.final:,}; run dir {self.run_dir}" + "\ncompiling gradient_step: ~20 s more" * args.compiles)
+        handlers = {signum: signal.signal(signum, self) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:  # on resume, TensorBoard drops what the run logged after its checkpoint
+            self.writer = SummaryWriter(self.run_dir, purge_step=step + 1 if step else None)
+            if not step:
+                self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                    f"|{k}|{v}|" for k, v in asdict(args).items()))
+            train(args, self.agent, self.optimizer, None, step, self.writer, self.after_iteration)
+            self.writer.close()
+        except OSError as e:  # TensorBoard's files
+            raise RunError(f"cannot write in {self.run_dir} ({e.strerror or e}); {self.intact}", 1) from None
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
 
     def after_iteration(self, *, global_step: int, episodes: list, losses: dict[str, float]) -> bool:
         args, reached, now = self.args, False, time.perf_counter()
-        if not all(map(math.isfinite, losses.values())) or not all(p.isfinite().all() for p in self.agent.parameters()):
+        if not (math.isfinite(sum(losses.values())) and all(p.isfinite().all() for p in self.agent.parameters())):
             raise RunError(f"training diverged (a non-finite loss or weight) after step {self.global_step:,}; "
                            f"{self.intact}. Try a --learning-rate below {args.learning_rate}", 1)
         self.global_step, self.iteration = global_step, self.iteration + 1
         self.returns.extend(episode.episode_return for episode in episodes)
-        if now - self.last_print >= args.print_every or global_step >= self.final:
+        if now - self.last_print >= 5 or global_step >= self.final:  # a progress line every 5 s
             sps = (global_step - self.last_step) / (now - self.last_print)
             eta = int((self.final - global_step) / sps)
-            print(f"step {global_step:>10,}/{self.final:,} | {sps:6,.0f} steps/s | return {np.mean(self.returns or 0):8.1f}"
-                  f" (last 20 episodes) | ETA {eta // 60}m{eta % 60:02d}s", flush=True)
+            print(f"step {global_step:>10,}/{self.final:,} | {sps:6,.0f} steps/s | return "
+                  f"{np.mean(self.returns or 0):8.1f} (last 20 episodes) | ETA {eta // 60}m{eta % 60:02d}s", flush=True)
             self.last_print, self.last_step = now, global_step
         if args.eval_every and self.iteration % args.eval_every == 0:
-            returns = evaluate(self.agent, args.env_id, args.periodic_eval_episodes, args.seed + 1_000_000, args.device)
+            returns = evaluate(self.agent, args.env_id, max(1, args.eval_episodes // 5), args.seed + 10**6, args.device)
             self.writer.add_scalar("eval/mean_return", returns.mean(), global_step)
             print(f"eval at step {global_step:,}: {returns.mean():.1f} +/- {returns.std():.1f}", flush=True)
             if returns.mean() > self.best_eval:
@@ -614,114 +558,88 @@ class Harness:
         return bool(self.signum or reached)
 
     def save(self, name: str) -> None:
-        path, buffer = os.path.join(self.run_dir, name), io.BytesIO()
-        torch.save({"script": SCRIPT, "args": asdict(self.args), "model": self.agent.state_dict(), "rng": torch.get_rng_state(),
-                    "optimizer": self.optimizer.state_dict(), "global_step": self.global_step, "iteration": self.iteration,
-                    "best_eval": self.best_eval, **{k: m.state_dict() for k, m in self.state.items()}}, buffer)
-        try:  # from memory: a full disk is then an OSError here (torch.save's own writer raises RuntimeError)
-            write_atomically(path, buffer.getvalue())
-        except OSError as e:
-            raise RunError(f"cannot write {path} ({e.strerror or e}): training stopped; {self.intact}", 1) from None
+        buffer = io.BytesIO()  # into memory first: torch.save's own writer raises RuntimeError on a full disk
+        torch.save({"script": SCRIPT, "args": asdict(self.args), "model": self.agent.state_dict(),
+                    "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "global_step":
+                    self.global_step, "iteration": self.iteration, "best_eval": self.best_eval}, buffer)
+        self.write(name, buffer.getvalue())
         if name == "checkpoint.pt":
-            self.intact = f"{path} (step {self.global_step:,}) is intact"
+            self.intact = f"{self.run_dir}/checkpoint.pt (step {self.global_step:,}) is intact"
 
+    def write(self, name: str, data: bytes) -> None:
+        """Atomically: a crash or a full disk leaves the old file whole (a kill's .tmp is overwritten next time)."""
+        path = os.path.join(self.run_dir, name)
+        try:
+            with open(path + ".tmp", "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(path + ".tmp", path)
+        except OSError as e:
+            raise RunError(f"cannot write {path} ({e.strerror or e}): stopped; {self.intact}", 1) from None
 
-def final_evaluation(args: RunArgs, agent: Agent, step: int, video_dir: Optional[str], path: Optional[str], after: str):
-    """The deterministic evaluation (seeds far from training's), printed, and written to path if given."""
-    print(f"evaluation: {args.eval_episodes} episodes of the deterministic policy", flush=True)
-    try:
-        returns = evaluate(agent, args.env_id, args.eval_episodes, args.seed + 1_000_000, args.device, video_dir)
+    def final_evaluation(self, video_dir: Optional[str], write: bool) -> int:
+        """The deterministic evaluation (seeds far from training's), printed, and written to evaluation.json."""
+        args = self.args
+        print(f"evaluation: {args.eval_episodes} episodes of the deterministic policy", flush=True)
+        try:
+            returns = evaluate(self.agent, args.env_id, args.eval_episodes, args.seed + 10**6, args.device, video_dir)
+        except OSError as e:  # the video writer: a full disk, a read-only folder
+            raise RunError(f"cannot write the videos into {video_dir} ({e.strerror or e}); {self.intact}", 1) from None
         print(f"evaluation: {returns.mean():.1f} +/- {returns.std():.1f} over {len(returns)} episodes", flush=True)
-        if path:
-            write_atomically(path, json.dumps({"global_step": step, "mean": float(returns.mean()),
-                                               "std": float(returns.std()), "returns": returns.tolist()}).encode())
-    except OSError as e:  # a full disk, a read-only folder, the video writer
-        raise RunError(f"cannot write {path or video_dir} ({e.strerror or e}); {after}", 1) from None
-    except KeyboardInterrupt:
-        raise RunError(f"Ctrl-C during the evaluation, which was not written; {after}", 130) from None
+        if write:
+            self.write("evaluation.json", json.dumps(dict(global_step=self.global_step, mean=float(returns.mean()),
+                                                          std=float(returns.std()), returns=returns.tolist())).encode())
+        return 0
 
 
-def train_in(harness: Harness, args: RunArgs, step: int) -> None:
-    """train() with the harness's hook and signal handler, TensorBoard and videos; write errors as one line."""
-    from torch.utils.tensorboard import SummaryWriter  # slow to import: only when training
-
-    print(f"{SCRIPT}: {args.env_id}, batches of {args.batch_size} ({args.num_envs} envs x {args.num_steps} steps), "
-          f"minibatches of {args.minibatch_size}, to step {harness.final:,}; run dir {harness.run_dir}", flush=True)
-    if compiles(args):
-        print("compiling gradient_step (torch.compile): the first iteration takes ~20 s longer", flush=True)
-    video = os.path.join(harness.run_dir, "videos", f"train_from_step_{step}" if step else "train")
-    envs = make_vector_env([make_env(args.env_id, video if args.capture_video and i == 0 else None)
-                            for i in range(args.num_envs)])
-    signals = {signum: signal.signal(signum, harness) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:  # on resume, TensorBoard drops what the run logged after its checkpoint
-        harness.writer = writer = SummaryWriter(harness.run_dir, purge_step=step + 1 if step else None)
-        if not step:
-            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
-        train(args, harness.agent, harness.optimizer, envs, step, writer, harness.after_iteration, **harness.state)
-        envs.close()  # the last video, then TensorBoard's last events, reach the disk here
-        writer.close()
-    except OSError as e:  # TensorBoard or video files
-        raise RunError(f"cannot write in {harness.run_dir} ({e.strerror or e}): training stopped; {harness.intact}", 1) from None
-    finally:
-        for signum, handler in signals.items():
-            signal.signal(signum, handler)
-
-
-def run(args: RunArgs, argv: list[str]) -> int:
+def run(argv: list[str]) -> int:
     """Check everything (before anything is written), then train or evaluate a checkpoint; the exit code."""
     import tyro
 
-    data = load_checkpoint(path := args.resume or args.eval_checkpoint) if args.resume or args.eval_checkpoint else None
+    args = tyro.cli(RunArgs, args=argv, description=__doc__.split("\n\n")[0])
+    path = args.resume or args.eval_checkpoint
+    data = load_checkpoint(path) if path else None
     if data:  # the run's own flags; the command line gives run control, and may change MAY_CHANGE
         saved = {f.name: data["args"].get(f.name) for f in fields(Args)}
         args = tyro.cli(RunArgs, args=argv, default=replace(args, **saved))
-        if changed := [n for n, value in saved.items() if n not in MAY_CHANGE and getattr(args, n) != value]:
+        if changed := [n for n, v in saved.items() if n not in MAY_CHANGE and getattr(args, n) != v]:
             raise RunError(f"--{changed[0].replace('_', '-')}: a checkpoint keeps its run's flags; only "
                            f"{', '.join('--' + n.replace('_', '-') for n in MAY_CHANGE)} may change")
     if (error := args.check()) or (error := check_env(args.env_id)):
         raise RunError(error)
-    (agent, optimizer), state = make_agent_and_optimizer(args), training_state(args)
-    progress = restore(data, agent, optimizer, state, path) if data else dict(global_step=0, iteration=0, best_eval=-math.inf)
-    if args.eval_checkpoint:
-        video_dir = os.path.join(os.path.dirname(path), "videos", "eval_checkpoint") if args.capture_video else None
-        return final_evaluation(args, agent, progress["global_step"], video_dir, None, "nothing else was written") or 0
     if args.target_return is not None and not args.eval_every:
         args = replace(args, eval_every=max(1, args.num_iterations // 40))
     name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = os.path.dirname(os.path.abspath(path)) if data else os.path.join(args.runs_dir, name)
-    harness, evaluation = Harness(args, run_dir, agent, optimizer, state, progress), os.path.join(run_dir, "evaluation.json")
-    step, resume = progress["global_step"], f"python {SCRIPT}.py --resume {os.path.join(run_dir, 'checkpoint.pt')}"
+    harness = Harness(args, run_dir, *make_agent_and_optimizer(args), data, path)
+    if args.eval_checkpoint:
+        return harness.final_evaluation(f"{run_dir}/videos/eval_checkpoint" if args.capture_video else None, False)
+    step, evaluation = harness.global_step, f"{run_dir}/evaluation.json"
     if harness.final > step:
         try:
             os.makedirs(run_dir, exist_ok=bool(data))
         except OSError as e:  # FileExistsError: a run of the same name started in the same second
             raise RunError(f"cannot create {run_dir} ({e.strerror}): give another --runs-dir or --exp-name") from None
-        train_in(harness, args, step)
+        harness.train()
     elif os.path.exists(evaluation) and json.load(open(evaluation))["global_step"] == step:
         raise RunError(f"this run is finished at step {step:,}: raise --total-timesteps to train on")
     if harness.signum:
-        print(f"stopped at step {harness.global_step:,}; checkpoint saved. Resume with:\n  {resume}", file=sys.stderr)
+        print(f"stopped at step {harness.global_step:,}; checkpoint saved. Resume with:\n  python {SCRIPT}.py "
+              f"--resume {run_dir}/checkpoint.pt", file=sys.stderr)
         return 128 + harness.signum
-    final_evaluation(args, agent, harness.global_step, os.path.join(run_dir, "videos", "eval") if args.capture_video
-                     else None, evaluation, f"the run is trained and {harness.intact}: `{resume}` evaluates it")
+    harness.final_evaluation(f"{run_dir}/videos/eval" if args.capture_video else None, True)
     print(f"run dir: {run_dir}\n  tensorboard --logdir {os.path.dirname(run_dir)}")
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    import tyro
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = tyro.cli(RunArgs, args=argv, description=__doc__.split("\n\n")[0])
     torch.set_num_threads(1)  # for 64-wide layers a second thread costs more in sync than it gains
-    try:
-        return run(args, argv)
+    try:  # Ctrl-C outside training (set quiet above) stops at once: nothing is left to save
+        return run(sys.argv[1:] if argv is None else list(argv))
     except RunError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return e.args[1] if len(e.args) > 1 else 2
-    except KeyboardInterrupt:  # before training: nothing to save
-        print("\ninterrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":
