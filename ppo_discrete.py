@@ -446,8 +446,6 @@ class RunArgs(Args):
     def check(self) -> Optional[str]:
         if min(self.eval_episodes, self.checkpoint_every) < 1 or self.eval_every < 0:
             return "--eval-episodes and --checkpoint-every must be positive, --eval-every 0 or more"
-        if self.resume and self.eval_checkpoint:
-            return "give --resume or --eval-checkpoint, not both"
         if self.cuda and not torch.cuda.is_available():
             return "--cuda was given but torch sees no CUDA device: drop --cuda"
         if self.compiles and not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")):
@@ -542,7 +540,7 @@ class Harness:
             sps = (global_step - self.last_step) / (now - self.last_print)
             eta = int((self.final - global_step) / sps)
             print(f"step {global_step:>10,}/{self.final:,} | {sps:6,.0f} steps/s | return "
-                  f"{np.mean(self.returns or 0):8.1f} (last 20 episodes) | ETA {eta // 60}m{eta % 60:02d}s", flush=True)
+                  f"{np.mean(self.returns) if self.returns else math.nan:8.1f} (last 20 episodes) | ETA {eta // 60}m{eta % 60:02d}s", flush=True)
             self.last_print, self.last_step = now, global_step
         if args.eval_every and self.iteration % args.eval_every == 0:
             returns = evaluate(self.agent, args.env_id, max(1, args.eval_episodes // 5), args.seed + 10**6, args.device)
@@ -598,8 +596,9 @@ def run(argv: list[str]) -> int:
     import tyro
 
     args = tyro.cli(RunArgs, args=argv, description=__doc__.split("\n\n")[0])
-    path = args.resume or args.eval_checkpoint
-    data = load_checkpoint(path) if path else None
+    if args.resume and args.eval_checkpoint:
+        raise RunError("give --resume or --eval-checkpoint, not both")
+    data = load_checkpoint(path) if (path := args.resume or args.eval_checkpoint) else None
     if data:  # the run's own flags; the command line gives run control, and may change MAY_CHANGE
         saved = {f.name: data["args"].get(f.name) for f in fields(Args)}
         args = tyro.cli(RunArgs, args=argv, default=replace(args, **saved))

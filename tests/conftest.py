@@ -16,7 +16,7 @@ FAST_ENV = {"ppo_discrete": "CartPole-v1", "ppo_continuous": "Pendulum-v1"}
 OTHER_KIND_ENV = {"ppo_discrete": "Pendulum-v1", "ppo_continuous": "CartPole-v1"}
 # Flags for a training run of a second or so.
 TINY = ["--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2", "--update-epochs", "2",
-        "--total-timesteps", "128", "--eval-episodes", "2", "--print-every", "0"]
+        "--total-timesteps", "128", "--eval-episodes", "2"]
 
 
 @pytest.fixture(params=SCRIPTS, ids=lambda m: m.__name__)
