@@ -11,8 +11,8 @@
 
 Each (configuration, seed) is one training process of the script, at most --jobs at once (by
 default as many as there are cores), each with one torch thread. Each run evaluates the
-deterministic policy every --eval-every-steps (on --periodic-eval-episodes episodes, 20 by
-default) and, at the end, on 100 episodes. The env's threshold is Gymnasium's `reward_threshold`
+deterministic policy every --eval-every-steps (on 20 episodes: the script's --eval-episodes / 5)
+and, at the end, on 100 episodes. The env's threshold is Gymnasium's `reward_threshold`
 (envs.py gives one where the spec has none). With --envs, each env's command (flags, steps,
 seeds, evaluation interval) comes from benchmark/envs.py. Writes, under --out, per script and env
 (the stem is learning_SCRIPT for the script's default env, learning_SCRIPT_ENV otherwise):
@@ -89,27 +89,13 @@ def stem(script: str, env_id: str) -> str:
 
 def user_command(script: str, flags: list[str], total: int) -> str:
     """What a user types to train this configuration (seed 1, the script's default); flags as saved."""
-    return shlex.join(["python", f"{script}.py", *strip_periodic(flags), "--total-timesteps", str(total)])
-
-
-def strip_periodic(flags: list[str]) -> list[str]:
-    """The flags without the benchmark's own --periodic-eval-episodes N."""
-    out, skip = [], False
-    for flag in flags:
-        if skip:
-            skip = False
-        elif flag == "--periodic-eval-episodes":
-            skip = True
-        else:
-            out.append(flag)
-    return out
+    return shlex.join(["python", f"{script}.py", *flags, "--total-timesteps", str(total)])
 
 
 def run_one(script: str, config: str, flags: list[str], seed: int, total: int, eval_every: int, runs_dir: str,
             jobs: int, code: str) -> dict:
     cmd = [sys.executable, os.path.join(ROOT, f"{script}.py"), *flags, "--seed", str(seed), "--total-timesteps",
-           str(total), "--eval-every", str(eval_every), "--runs-dir", runs_dir, "--exp-name", config,
-           "--print-every", "60"]
+           str(total), "--eval-every", str(eval_every), "--runs-dir", runs_dir, "--exp-name", config]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     started, start = time.time(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -158,7 +144,7 @@ def write_report(script: str, env_id: str, results: list[dict], opts) -> str:
     lines = [f"# {script}.py on {env_id}: learning over several seeds", "",
              f"Machine: {platform.node() or 'this machine'} ({os.cpu_count()} CPU cores, Python "
              f"{platform.python_version()}), one torch thread per run. Final evaluation: 100 episodes of the "
-             f"deterministic policy; curve: {opts.periodic_eval_episodes}-episode evaluations during training. "
+             f"deterministic policy; curve: 20-episode evaluations during training. "
              f"Threshold: {level:g} ({'benchmark/envs.py' if 'threshold' in ENVS.get(env_id, {}) else 'Gymnasium'}"
              f"'s reward_threshold). Wall time covers training, the periodic and the final evaluations and "
              f"the start of the process; steps/s is training steps over that wall time.", ""]
@@ -276,7 +262,7 @@ def run_configs(script: str, env_id: str, configs: dict, seeds: list[int], total
     at_once = max(1, min(opts.jobs, os.cpu_count()))
     code = code_version(script)
     for name, flags in configs.items():
-        flags = [*env_flags, *flags, "--periodic-eval-episodes", str(opts.periodic_eval_episodes)]
+        flags = [*env_flags, *flags]
         every = max(1, round(opts.eval_every_steps / batch_size(script, flags)))
         for seed in seeds:
             old = [r for r in saved if (r["config"], r.get("flags"), r["seed"], r.get("total_timesteps"),
@@ -315,7 +301,6 @@ def main() -> None:
     parser.add_argument("--total-timesteps", type=int, default=2_000_000, help="(not with --envs)")
     parser.add_argument("--eval-every-steps", type=int, default=100_000,
                         help="about this often (whole iterations; not with --envs)")
-    parser.add_argument("--periodic-eval-episodes", type=int, default=20)
     parser.add_argument("--config", nargs=2, action="append", default=[], metavar=("NAME", "FLAGS"),
                         help="another configuration to compare with the defaults; repeatable")
     parser.add_argument("--no-default", action="store_true", help="run only the --config configurations")

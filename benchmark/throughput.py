@@ -69,7 +69,6 @@ def train_sps(script, args) -> dict:
     first iteration's seconds, and the split of its time into the three phases (each phase
     function timed by wrapping it for this call; train() looks them up when it calls them)."""
     agent, optimizer = script.make_agent_and_optimizer(args)
-    step_fn = script.CompiledGradientStep(agent, optimizer, args) if args.compile else script.gradient_step
     timings, ends, start = dict(rollout=0.0, batch=0.0, update=0.0), [], time.perf_counter()
 
     def timed(name, fn):
@@ -86,12 +85,14 @@ def train_sps(script, args) -> dict:
         return False
 
     phases = {"collect_rollout": "rollout", "make_batch": "batch", "update": "update"}
-    real = {name: getattr(script, name) for name in phases}
+    real, compiles = {name: getattr(script, name) for name in phases}, script.Args.compiles
     try:
         for name, phase in phases.items():
             setattr(script, name, timed(phase, real[name]))
-        steps = script.train(args, agent, optimizer, step_fn=step_fn, after_iteration=after_iteration)
+        script.Args.compiles = property(lambda self: self.compile)  # --compile measures any length of run
+        steps = script.train(args, agent, optimizer, after_iteration=after_iteration)
     finally:
+        script.Args.compiles = compiles
         for name, fn in real.items():
             setattr(script, name, fn)
     elapsed = time.perf_counter() - start

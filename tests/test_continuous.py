@@ -1,13 +1,20 @@
 """What only the continuous script has: the Gaussian policy, action clipping, normalization."""
 import math
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, only_run_dir, run_main
 import ppo_continuous as C
+from helpers import train_for_test
+
+
+def tiny_args(**overrides):
+    """Pendulum, 2 envs x 32 steps, 2 epochs of 2 minibatches, 2 iterations."""
+    settings = dict(env_id="Pendulum-v1", num_envs=2, num_steps=32, num_minibatches=2, update_epochs=2,
+                    total_timesteps=128)
+    settings.update(overrides)
+    return C.Args(**settings)
 
 
 def agent_with(mean, logstd, obs_dim=3):
@@ -58,8 +65,7 @@ def test_only_the_env_copy_of_the_action_is_clipped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(PendulumEnv, "step", step)
     monkeypatch.setattr(C.Agent, "logprob_entropy_value", score)
-    assert run_main(C, ["--env-id", "Pendulum-v1", *TINY, "--total-timesteps", "512", "--num-steps", "128",
-                        "--log-std-init", "1.0"], tmp_path) == 0
+    train_for_test(C, tiny_args(total_timesteps=512, num_steps=128, log_std_init=1.0), tmp_path)
     received = np.concatenate(received)
     stored = torch.cat([a.reshape(-1, 1) for a in scored]).numpy()
     assert np.abs(received).max() == 2.0  # Pendulum's bound, reached: the env saw clipped actions
@@ -67,14 +73,19 @@ def test_only_the_env_copy_of_the_action_is_clipped(tmp_path, monkeypatch):
 
 
 def test_normalization_statistics_survive_a_checkpoint_and_are_frozen_in_evaluation(tmp_path):
-    assert run_main(C, ["--env-id", "Pendulum-v1", *TINY], tmp_path) == 0
-    ckpt = C.load_checkpoint(str(only_run_dir(tmp_path) / "checkpoint.pt"))
-    model = ckpt["model"]
-    assert model["obs_rms.count"] > 100 and ckpt["reward_scaler"]["return_rms.count"] > 100  # updated by training
-    assert not any(key.startswith("return_rms") for key in model)  # training state, not the policy's
-    assert not torch.equal(model["obs_rms.mean"], torch.zeros(3))
-    agent = C.agent_from_checkpoint(ckpt)
-    for key in ("obs_rms.mean", "obs_rms.var", "obs_rms.count"):
+    # The harness end to end: a tiny run of main() writes checkpoint.pt, with both running statistics
+    # (observations, and the reward scaler's returns) in the agent's state_dict.
+    assert C.main(["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2",
+                   "--update-epochs", "2", "--total-timesteps", "128", "--eval-episodes", "2",
+                   "--runs-dir", str(tmp_path / "runs")]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    model = C.load_checkpoint(str(run_dir / "checkpoint.pt"))["model"]
+    assert model["obs_rms.count"] > 100 and model["return_rms.count"] > 100  # 128 samples each, updated by training
+    assert not torch.equal(model["obs_rms.mean"], torch.zeros(3)) and not torch.equal(model["return_rms.var"],
+                                                                                      torch.ones(()))
+    agent, _ = C.make_agent_and_optimizer(tiny_args())
+    agent.load_state_dict(model)
+    for key in ("obs_rms.mean", "obs_rms.var", "obs_rms.count", "return_rms.var", "return_rms.count"):
         assert torch.equal(agent.state_dict()[key], model[key])
     before = {k: v.clone() for k, v in agent.state_dict().items()}
     C.evaluate(agent, "Pendulum-v1", 2, seed=0)
@@ -82,7 +93,7 @@ def test_normalization_statistics_survive_a_checkpoint_and_are_frozen_in_evaluat
 
 
 def test_the_reward_scaler_divides_by_the_std_of_returns_that_restart_after_each_episode():
-    scaler = C.RewardScaler(num_envs=2, gamma=0.5)
+    scaler = C.RewardScaler(num_envs=2, gamma=0.5, return_rms=C.RunningMeanStd(()))
     scaler.discounted_return = np.array([10.0, 0.0])
     rewards = np.array([[1.0, 2.0], [1.0, 2.0], [1.0, 2.0]])
     dones = np.array([[0, 0], [1, 0], [0, 0]])
@@ -96,21 +107,8 @@ def test_the_reward_scaler_divides_by_the_std_of_returns_that_restart_after_each
     # one reward far out among 1000 envs: 1e6 / std (about 3e4) is clipped to 10
     rewards = np.zeros((1, 1000))
     rewards[0, 0], rewards[0, 1] = 1e6, 1.0
-    scaled = C.RewardScaler(num_envs=1000, gamma=0.5)(rewards, np.zeros((1, 1000)))
+    scaled = C.RewardScaler(num_envs=1000, gamma=0.5, return_rms=C.RunningMeanStd(()))(rewards, np.zeros((1, 1000)))
     assert scaled[0, 0] == 10.0 and 0 < scaled[0, 1] < 1e-3
-
-
-def test_a_format_2_checkpoint_resumes_with_its_reward_statistics(tmp_path):
-    assert run_main(C, ["--env-id", "Pendulum-v1", *TINY], tmp_path) == 0
-    path = only_run_dir(tmp_path) / "checkpoint.pt"
-    data = torch.load(path, weights_only=True)
-    stats = data.pop("reward_scaler")
-    data["model"].update(stats)  # as format 2 kept them, in the agent
-    data["format"] = 2
-    torch.save(data, path)
-    loaded = C.load_checkpoint(str(path), C.RESUME_ENTRIES)
-    assert loaded["reward_scaler"].keys() == stats.keys() and not any(k.startswith("return_rms") for k in loaded["model"])
-    assert run_main(C, ["--resume", str(path), "--total-timesteps", "256"], tmp_path) == 0
 
 
 def test_running_mean_std_matches_numpy_over_batches():
@@ -122,11 +120,9 @@ def test_running_mean_std_matches_numpy_over_batches():
     np.testing.assert_allclose(rms.var.numpy(), data.var(0), rtol=1e-3)
 
 
-def test_observation_normalization_can_be_turned_off(tmp_path):
-    assert run_main(C, ["--env-id", "Pendulum-v1", *TINY, "--no-norm-obs", "--no-norm-reward"], tmp_path) == 0
-    ckpt = C.load_checkpoint(str(only_run_dir(tmp_path) / "checkpoint.pt"))
-    assert ckpt["model"]["obs_rms.count"] < 1  # never updated
-    agent = C.agent_from_checkpoint(ckpt)
+def test_normalization_can_be_turned_off(tmp_path):
+    agent = train_for_test(C, tiny_args(norm_obs=False, norm_reward=False), tmp_path)
+    assert agent.obs_rms.count < 1 and agent.return_rms.count < 1  # never updated
     obs = torch.randn(4, 3) * 20
     assert torch.equal(agent.normalize(obs), obs)
 

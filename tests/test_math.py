@@ -113,7 +113,7 @@ class TestLoss:
         # A>0: min(1.5, 1.2) = 1.2 (clipped), min(0.5, 0.8) = 0.5 (unclipped, pessimistic);
         # A<0: min(-1.1, -1.1) = -1.1 (inside), min(-0.7, -0.8) = -0.8 (clipped). Negated, averaged.
         _, parts = loss_of(script, clip_vloss=False)
-        assert parts["pg_loss"].item() == pytest.approx((-1.2 - 0.5 + 1.1 + 0.8) / 4)
+        assert parts["policy_loss"].item() == pytest.approx((-1.2 - 0.5 + 1.1 + 0.8) / 4)
         assert parts["clipfrac"].item() == pytest.approx(0.75)  # 1.5, 0.5 and 0.7 lie outside 1 +/- 0.2
 
     def test_no_gradient_through_the_clipped_side(self, script):
@@ -125,20 +125,20 @@ class TestLoss:
 
     def test_value_loss_unclipped_is_half_mse(self, script):
         _, parts = loss_of(script, clip_vloss=False)
-        assert parts["v_loss"].item() == pytest.approx(0.5 * (1 + 1 + 0 + 4) / 4)
+        assert parts["value_loss"].item() == pytest.approx(0.5 * (1 + 1 + 0 + 4) / 4)
 
     def test_value_loss_clipped_takes_the_larger_error(self, script):
         # clipped values: 1.5-.2 = 1.3, 1.5+.2 = 1.7, 3.0, 3.0+.2 = 3.2; squared errors
         # max(1, 1.69), max(1, 1.69), 0, max(4, 7.84)
         _, parts = loss_of(script, clip_vloss=True)
-        assert parts["v_loss"].item() == pytest.approx(0.5 * (1.69 + 1.69 + 0 + 7.84) / 4)
+        assert parts["value_loss"].item() == pytest.approx(0.5 * (1.69 + 1.69 + 0 + 7.84) / 4)
 
     def test_total_combines_the_terms_with_their_coefficients(self, script):
-        # pg_loss 0.05 (above), entropy 0.75, v_loss 0.75 unclipped and 1.4025 clipped (above):
-        # loss = pg_loss - 0.1 x entropy + 0.7 x v_loss
+        # policy_loss 0.05 (above), entropy 0.75, value_loss 0.75 unclipped and 1.4025 clipped (above):
+        # loss = policy_loss - 0.1 x entropy + 0.7 x value_loss
         for clip_vloss, expected in ((False, 0.05 - 0.075 + 0.525), (True, 0.05 - 0.075 + 0.7 * 1.4025)):
             loss, parts = loss_of(script, clip_vloss=clip_vloss, ent_coef=0.1, vf_coef=0.7)
-            assert parts["entropy_loss"].item() == pytest.approx(0.75)
+            assert parts["entropy"].item() == pytest.approx(0.75)
             assert loss.item() == pytest.approx(expected)
 
     def test_kl_estimates_are_the_exact_kl_on_a_sample_with_the_old_frequencies(self, script):
@@ -154,7 +154,7 @@ class TestLoss:
                                                   torch.distributions.Categorical(probs=q)).item()
         assert parts["approx_kl"].item() == pytest.approx(exact)
         assert parts["old_approx_kl"].item() == pytest.approx(exact)
-        assert set(parts) == {"pg_loss", "v_loss", "entropy_loss", "approx_kl", "old_approx_kl", "clipfrac"}
+        assert set(parts) == {"policy_loss", "value_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac"}
         assert all(not part.requires_grad for part in parts.values())
 
     def test_kl_estimate_stays_positive_where_the_naive_one_goes_negative(self, script):

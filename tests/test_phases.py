@@ -64,7 +64,7 @@ def collect(script, ending, seed=0):
     torch.manual_seed(seed)
     agent = script.Agent(2, envs.single_action_space.shape[0] if envs.single_action_space.shape else 2)
     dtype = np.int64 if script.__name__ == "ppo_discrete" else np.float32
-    rollout = script.new_rollout(T, N, 2, envs.single_action_space.shape, dtype)
+    rollout = script.Rollout.zeros(T, N, 2, envs.single_action_space.shape, dtype)
     obs, episodes = script.collect_rollout(envs=envs, agent=agent, obs=obs, rollout=rollout, global_step=100)
     envs.close()
     return rollout, obs, episodes
@@ -82,8 +82,11 @@ def test_the_rollout_stores_each_episode_end_with_its_final_observation(script, 
     np.testing.assert_array_equal(rollout.next_obs[..., 0], (steps_in_episode + 1).repeat(N, 1))
     np.testing.assert_array_equal(obs[:, 0], [1, 1])  # where the next rollout starts
     np.testing.assert_array_equal(rollout.rewards, np.ones((T, N)))
-    # each env ended two episodes of 3 steps, at global steps 100 + 3 N and 100 + 6 N
-    assert sorted(episodes) == sorted([script.Episode(100 + 3 * N, 3.0, 3)] * N + [script.Episode(100 + 6 * N, 3.0, 3)] * N)
+    # each env ended two episodes of 3 steps, at global steps 100 + 3 N and 100 + 6 N, cut by the
+    # time limit (truncated) or not
+    cut = ending == "truncated"
+    assert sorted(episodes) == sorted([script.Episode(100 + 3 * N, 3.0, 3, cut)] * N
+                                      + [script.Episode(100 + 6 * N, 3.0, 3, cut)] * N)
 
 
 @pytest.mark.parametrize("ending", ["truncated", "terminated"])
