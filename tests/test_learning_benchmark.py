@@ -12,7 +12,7 @@ import learning  # noqa: E402
 
 
 def saved_run(config="default", seed=1, **extra):
-    return {"config": config, "flags": ["--env-id", "CartPole-v1", "--periodic-eval-episodes", "20"], "seed": seed,
+    return {"config": config, "flags": ["--env-id", "CartPole-v1"], "seed": seed,
             "total_timesteps": 1000, "eval_every": 1, "final": {"mean": 10.0, "std": 1.0, "global_step": 1000},
             "curve": [(500, 5.0), (1000, 10.0)], "wall": 1.0, "sps": 1000.0, **extra}
 
@@ -38,7 +38,7 @@ def test_a_saved_run_is_reused_only_for_the_code_that_made_it(tmp_path, monkeypa
     monkeypatch.setattr(learning, "run_one", lambda *job: ran.append(job[3]) or saved_run(
         seed=job[3], code=job[-1], started=0.0, ended=1.0))
     monkeypatch.setattr(learning, "plot", lambda *a: None)
-    opts = SimpleNamespace(out=str(tmp_path), jobs=1, fresh=False, periodic_eval_episodes=20, eval_every_steps=1000,
+    opts = SimpleNamespace(out=str(tmp_path), jobs=1, fresh=False, eval_every_steps=1000,
                            runs_dir=str(tmp_path / "runs"))
     learning.run_configs("ppo_discrete", "CartPole-v1", {"default": []}, [1, 2, 3], 1000, opts)
     assert sorted(ran) == [2, 3]  # seed 1 was made by this code; 2 by other code, 3 recorded none
