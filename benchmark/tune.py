@@ -135,22 +135,29 @@ def open_storage(cfg):
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
 
 
-def work(cfg) -> int:
-    """Trials until the study holds --trials finished ones, then a last look for a dead worker's trial."""
+def work(cfg, workers=None) -> int:
+    """Trials until the study holds --trials finished ones. The first worker (workers: the others,
+    which it starts and waits for) then fails a dead worker's trial rather than leave it RUNNING."""
     torch.set_num_threads(1)  # fastest for these tiny nets, and N workers do not fight over the cores
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # Slurm's time limit: as Ctrl-C
     module = importlib.import_module(cfg.script)
     try:
+        for worker in workers or ():
+            worker.start()
         study = optuna.load_study(study_name=cfg.study, storage=open_storage(cfg), pruner=optuna.pruners.MedianPruner(
             n_startup_trials=5, n_warmup_steps=EVALS // 5), sampler=optuna.samplers.TPESampler(
             n_startup_trials=5, constant_liar=True))  # the liar: parallel workers do not draw the same point
         if len(study.get_trials(deepcopy=False, states=FINISHED)) < cfg.trials:
             study.optimize(lambda trial: objective(trial, cfg, module),
                            callbacks=[optuna.study.MaxTrialsCallback(cfg.trials, states=FINISHED)])
-        if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # a worker killed a moment ago?
-            time.sleep(4 * cfg.heartbeat)  # its trial is stale after 3 beats: fail it, not leave it RUNNING
+        for worker in workers or ():
+            worker.join()
+        for _ in range(4 if workers is not None else 0):  # a worker killed a moment ago: stale after 3 beats
+            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                break
+            time.sleep(cfg.heartbeat)
             optuna.storages.fail_stale_trials(study)
-    except KeyboardInterrupt:  # Optuna has failed the running trial
+    except KeyboardInterrupt:  # Optuna has failed the running trial; a terminal's Ctrl-C reaches all workers
         return 130
     except STORAGE_ERRORS as e:  # a full disk; this worker's trial failed by another as it was silent (paused)
         print(f"error: {str(e).strip().splitlines()[0]}: run the same command to go on", file=sys.stderr)
@@ -166,7 +173,7 @@ def summarize(study, cfg) -> str:
     df = study.trials_dataframe(attrs=("number", "value", "state", "params"))
     df.to_csv(os.path.join(cfg.study_dir, "trials.csv"), index=False)
     states = [t.state for t in study.get_trials(deepcopy=False)]
-    text = f"study {cfg.study} in {cfg.storage}: " + ", ".join(f"{states.count(s)} {s.name.lower()}" for s in TrialState)
+    text = f"{cfg.study} in {cfg.storage}: " + ", ".join(f"{states.count(s)} {s.name.lower()}" for s in TrialState)
     if TrialState.COMPLETE not in states:
         return text + "\nno complete trial yet"
     for name, plot in (("history.png", plot_optimization_history), ("evaluations.png", plot_intermediate_values)):
@@ -212,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if error := check_input(cfg, module):
         print(f"error: {error}", file=sys.stderr)
         return 2
-    cfg.study = cfg.study or f"{cfg.script}-{(base := make_args(module, cfg.given, {})).env_id}"
+    base = make_args(module, cfg.given, {})
+    cfg.study = cfg.study or f"{cfg.script}-{base.env_id}"
     cfg.study_dir = os.path.abspath(cfg.study_dir or os.path.join(ROOT, "benchmark", "studies", cfg.study))
     cfg.storage, new = cfg.storage or f"sqlite:///{cfg.study_dir}/study.db", not os.path.exists(cfg.study_dir)
     try:  # the study, and the tables of a new database, made once here before any worker starts
@@ -228,16 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot open the study: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     # spawn, not fork: no database connection shared by two processes
-    workers, code = [multiprocessing.get_context("spawn").Process(target=work, args=(cfg,))
-                     for _ in range(cfg.workers - 1)] if cfg.trials else [], 0
-    try:
-        for worker in workers:
-            worker.start()
-        code = work(cfg) if cfg.trials else 0
-    except KeyboardInterrupt:
-        code = 130
-    for worker in workers:  # Ctrl-C in a terminal reaches them too: each fails its trial and ends
-        worker.join()
+    workers = [multiprocessing.get_context("spawn").Process(target=work, args=(cfg,)) for _ in range(cfg.workers - 1)]
+    code = work(cfg, workers) if cfg.trials else 0
     try:
         print(summarize(study, cfg), flush=True)
     except OSError as e:

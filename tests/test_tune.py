@@ -55,8 +55,8 @@ def test_a_batch_larger_than_the_run_is_that_trials_result(tmp_path, caplog):
 def test_two_workers_on_one_sqlite_file(tmp_path):
     """--workers 2: two processes on one SQLite file, their writes and heartbeats queued, the budget
     filled (each worker checks it after its own trial, so one can overshoot by one)."""
-    assert tune.main([*TINY, "--trials", "4", "--workers", "2", "--study-dir", str(tmp_path)]) == 0
-    states = [t.state for t in trials(sqlite(tmp_path))]
+    assert tune.main([*TINY, "--trials", "4", "--workers", "2", "--study-dir", str(tmp_path), "--study", "two"]) == 0
+    states = [t.state for t in trials(sqlite(tmp_path), name="two")]
     assert set(states) == {TrialState.COMPLETE} and len(states) in (4, 5), states
 
 
