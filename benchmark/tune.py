@@ -44,7 +44,6 @@ def sample_params(trial) -> dict:
 
 class Given:
     """The trial as sample_params sees it: a hyperparameter given as a flag is that value, not searched."""
-
     def __init__(self, trial, given: dict):
         self.trial, self.given = trial, {**given, **({"minibatch_size": None} if "num_minibatches" in given else {})}
 
@@ -85,8 +84,7 @@ def objective(trial, cfg, module) -> float:
             if not all(p.isfinite().all() for p in agent.parameters()):
                 stopped.append(f"diverged: weights not finite at step {global_step:,} of seed {args.seed}")
                 return True
-            # Unseen episodes (seeds far from the training envs' seed + i, as in the script's evaluation);
-            # mean - std: a policy that does well every time, not on average.
+            # Unseen episodes (far from the training envs' seeds); mean - std: good every time, not on average
             returns = module.evaluate(agent, args.env_id, cfg.eval_episodes, args.seed + 1_000_000)
             evals.append((i, float(returns.mean() - returns.std())))
             trial.report(evals[-1][1], k * EVALS + i)
@@ -128,19 +126,22 @@ def check_input(cfg, module) -> str | None:
 
 
 def open_storage(cfg):
-    # SQLite: a writer waits up to a minute for a lock (Python's 5 s is short for workers and their
-    # heartbeats on one file). Grace: 3 beats, not Optuna's 2: a beat is late on a loaded machine.
-    return optuna.storages.RDBStorage(cfg.storage, heartbeat_interval=cfg.heartbeat, grace_period=3 * cfg.heartbeat,
-        engine_kwargs={"connect_args": {"timeout": 60}} if cfg.storage.startswith("sqlite") else {},
+    # Grace: 3 beats, not Optuna's 2 (a beat is late on a loaded machine). SQLite: wait up to a minute for
+    # the lock (Python's 5 s is short for workers and their heartbeats), and take it first in every
+    # transaction: SQLite ignores SELECT ... FOR UPDATE, so two workers could take one queued trial (optuna#4002).
+    storage = optuna.storages.RDBStorage(cfg.storage, heartbeat_interval=cfg.heartbeat, grace_period=3 * cfg.heartbeat,
+        engine_kwargs={"connect_args": {"timeout": 60, "isolation_level": None}} if cfg.storage[:6] == "sqlite" else {},
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+    if storage.engine.name == "sqlite":
+        sqlalchemy.event.listen(storage.engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    return storage
 
 
 def work(cfg, workers=None) -> int:
-    """Trials until the study holds --trials finished ones. The first worker (workers: the others,
-    which it starts and waits for) then fails a dead worker's trial rather than leave it RUNNING."""
+    """Trials until the study holds --trials finished ones. The first worker (workers: the others, spawned
+    so that no database connection is shared by a fork) then fails a dead worker's trial, if any."""
     torch.set_num_threads(1)  # fastest for these tiny nets, and N workers do not fight over the cores
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # Slurm's time limit: as Ctrl-C
-    module = importlib.import_module(cfg.script)
     try:
         for worker in workers or ():
             worker.start()
@@ -148,7 +149,7 @@ def work(cfg, workers=None) -> int:
             n_startup_trials=5, n_warmup_steps=EVALS // 5), sampler=optuna.samplers.TPESampler(
             n_startup_trials=5, constant_liar=True))  # the liar: parallel workers do not draw the same point
         if len(study.get_trials(deepcopy=False, states=FINISHED)) < cfg.trials:
-            study.optimize(lambda trial: objective(trial, cfg, module),
+            study.optimize(lambda trial: objective(trial, cfg, importlib.import_module(cfg.script)),
                            callbacks=[optuna.study.MaxTrialsCallback(cfg.trials, states=FINISHED)])
         for worker in workers or ():
             worker.join()
@@ -235,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(cfg.study_dir, ignore_errors=True)
         print(f"error: cannot open the study: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    # spawn, not fork: no database connection shared by two processes
     workers = [multiprocessing.get_context("spawn").Process(target=work, args=(cfg,)) for _ in range(cfg.workers - 1)]
     code = work(cfg, workers) if cfg.trials else 0
     try:
