@@ -1,7 +1,6 @@
 """Hyperparameter search for ppo_discrete.py or ppo_continuous.py with Optuna (issues 11, 20, 25).
 
-    python benchmark/tune.py ppo_discrete --env-id CartPole-v1 --trials 20 --total-timesteps 100000
-    python benchmark/tune.py ppo_continuous --env-id Pendulum-v1 --workers 2 --seeds 2 --gamma 0.99
+    python benchmark/tune.py ppo_discrete --env-id CartPole-v1 --total-timesteps 50000 --trials 20 --workers 2
 
 Other flags are the script's own (--env-id, --gamma, ...): given to every trial, no longer searched.
 A trial trains in process, through the script's train(), and evaluates in its after_iteration hook:
@@ -12,7 +11,7 @@ URL) with its heartbeat, which fails a silent worker's trial, and RetryHeartbeat
 (formerly RetryFailedTrialCallback), which queues it once more; trials_dataframe() and its plots.
 """
 
-import argparse, dataclasses, importlib, multiprocessing, os, shutil, signal, sys, time, typing, warnings  # noqa: E401
+import argparse, dataclasses, importlib, logging, multiprocessing, os, shutil, signal, sys, time, typing, warnings
 
 import optuna
 import sqlalchemy.exc
@@ -24,6 +23,9 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what the budget, --trials
 EVALS = 10  # evaluations per run, for the pruner; the last, after the last iteration, is the run's score
 STORAGE_ERRORS = (OSError, ValueError, ImportError, sqlalchemy.exc.SQLAlchemyError)  # a user's or the machine's
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the heartbeat's, since 2.x
+# Ctrl-C, or a paused worker's trial failed by another: Optuna's next line says the trial failed, no traceback.
+logging.getLogger("optuna.study._optimize").addFilter(
+    lambda r: not r.exc_info or r.exc_info[0] not in (KeyboardInterrupt, optuna.exceptions.UpdateFinishedTrialError))
 
 
 def sample_params(trial) -> dict:
@@ -106,7 +108,7 @@ def check_input(cfg, module) -> str | None:
             return f"--{name.replace('_', '-')} must be {'0 or more' if name == 'trials' else 'positive'}, got {value}"
     # The run made huge: whether a batch fits it depends on the sizes a trial draws, so that is the
     # trial's result (pruned). Scaled, a --total-timesteps of 0 or less stays refused.
-    base = make_args(module, cfg.given, {})
+    cfg.base = base = make_args(module, cfg.given, {})
     if error := make_args(module, cfg.given, {}, total_timesteps=base.total_timesteps * 2**40).check() or \
             module.check_env(base.env_id):
         return f"{module.__name__}.py: {error}"
@@ -126,9 +128,8 @@ def check_input(cfg, module) -> str | None:
 
 
 def open_storage(cfg):
-    # Grace: 3 beats, not Optuna's 2 (a beat is late on a loaded machine). SQLite: wait up to a minute for
-    # the lock (Python's 5 s is short for workers and their heartbeats), and take it first in every
-    # transaction: SQLite ignores SELECT ... FOR UPDATE, so two workers could take one queued trial (optuna#4002).
+    # Grace: 3 beats, not Optuna's 2 (a beat is late on a loaded machine). SQLite: wait a minute for the lock,
+    # and take it first: SQLite ignores SELECT ... FOR UPDATE, so two workers could pop one trial (optuna#4002).
     storage = optuna.storages.RDBStorage(cfg.storage, heartbeat_interval=cfg.heartbeat, grace_period=3 * cfg.heartbeat,
         engine_kwargs={"connect_args": {"timeout": 60, "isolation_level": None}} if cfg.storage[:6] == "sqlite" else {},
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
@@ -161,7 +162,7 @@ def work(cfg, workers=None) -> int:
     except KeyboardInterrupt:  # Optuna has failed the running trial; a terminal's Ctrl-C reaches all workers
         return 130
     except STORAGE_ERRORS as e:  # a full disk; this worker's trial failed by another as it was silent (paused)
-        print(f"error: {str(e).strip().splitlines()[0]}: run the same command to go on", file=sys.stderr)
+        print(f"error: {str(e).strip().splitlines()[0]} (run the same command to go on)", file=sys.stderr)
         return 1
     return 0
 
@@ -220,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if error := check_input(cfg, module):
         print(f"error: {error}", file=sys.stderr)
         return 2
-    base = make_args(module, cfg.given, {})
-    cfg.study = cfg.study or f"{cfg.script}-{base.env_id}"
+    cfg.study = cfg.study or f"{cfg.script}-{cfg.base.env_id}"
     cfg.study_dir = os.path.abspath(cfg.study_dir or os.path.join(ROOT, "benchmark", "studies", cfg.study))
     cfg.storage, new = cfg.storage or f"sqlite:///{cfg.study_dir}/study.db", not os.path.exists(cfg.study_dir)
     try:  # the study, and the tables of a new database, made once here before any worker starts
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         study = optuna.create_study(study_name=cfg.study, storage=open_storage(cfg), direction="maximize",
                                     load_if_exists=True)
         if not study.trials:  # the script's defaults first, where they lie in the space
-            study.enqueue_trial({n: v for n, d in cfg.space.items() if (v := getattr(base, n)) in getattr(
+            study.enqueue_trial({n: v for n, d in cfg.space.items() if (v := getattr(cfg.base, n)) in getattr(
                 d, "choices", ()) or not hasattr(d, "choices") and d.low <= v <= d.high})
     except STORAGE_ERRORS as e:
         if new:  # leave nothing behind

@@ -73,6 +73,30 @@ def test_a_worker_killed_mid_write_then_the_same_command(tmp_path):
     check_killed_trial_failed_once(trials(sqlite(tmp_path)), budget=2)
 
 
+@pytest.mark.parametrize("stop, code, message", [
+    ("ctrl-c", 130, ""), ("failed elsewhere", 1, "error: Cannot tell a FAIL trial. (run the same command to go on)\n")])
+def test_stopped_mid_trial_the_trial_fails_in_one_line(tmp_path, capfd, caplog, monkeypatch, stop, code, message):
+    """Ctrl-C, or the trial failed by another worker (as when this one was paused past 3 beats):
+    during the trial's first evaluation. The trial is FAIL, the summary written, and the user reads
+    Optuna's line that the trial failed and at most one of ours, no traceback."""
+    import numpy as np
+    import ppo_discrete
+
+    def evaluate(agent, env_id, n_episodes, seed):
+        if stop == "ctrl-c":
+            raise KeyboardInterrupt
+        study = optuna.load_study(study_name=STUDY, storage=sqlite(tmp_path))
+        study.tell(study.get_trials(states=(TrialState.RUNNING,))[0].number, state=TrialState.FAIL)
+        return np.zeros(n_episodes)  # the next report finds the trial failed
+
+    monkeypatch.setattr(ppo_discrete, "evaluate", evaluate)
+    assert tune.main([*TINY, "--trials", "1", "--study-dir", str(tmp_path)]) == code
+    assert [t.state for t in trials(sqlite(tmp_path))] == [TrialState.FAIL]
+    out, err = capfd.readouterr()
+    assert "Trial 0 failed with value None." in caplog.text and "Traceback" not in caplog.text + out + err, caplog.text
+    assert err.endswith(message) and "1 fail" in out and (tmp_path / "trials.csv").exists(), err
+
+
 def bad_space(trial):
     return {"learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-3, log=True),
             "gamma": trial.suggest_categorical("gamma", [0.99, 2.0])}
