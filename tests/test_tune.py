@@ -14,6 +14,9 @@ from tune_helpers import STUDY, TINY, check_killed_trial_failed_once, start_kill
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 import tune  # noqa: E402
 
+# Optuna calls the heartbeat and its plots experimental; tune.py silences that, pytest resets it per test.
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
 
 def sqlite(study_dir):
     return f"sqlite:///{study_dir}/study.db"

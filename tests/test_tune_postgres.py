@@ -16,6 +16,9 @@ from tune_helpers import TINY, TUNE, check_killed_trial_failed_once, new_databas
 sys.path.insert(0, os.path.join(ROOT, "benchmark"))
 import tune  # noqa: E402
 
+# Optuna calls the heartbeat and its plots experimental; tune.py silences that, pytest resets it per test.
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
 
 @pytest.fixture(scope="module")
 def server():
