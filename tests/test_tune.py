@@ -43,6 +43,19 @@ def test_a_study_runs_continues_and_summarizes(tmp_path, capfd):
     assert "0 running, 4 complete, 0 pruned, 0 fail, 0 waiting" in capfd.readouterr().out
 
 
+def test_the_continuous_twin(tmp_path):
+    """ppo_continuous.py through the same code: its own flags (--no-norm-reward), its defaults first
+    where they lie in the space (its ent_coef of 0 does not: a log range)."""
+    import ppo_continuous
+
+    argv = ["ppo_continuous", *TINY[1:], "--env-id", "Pendulum-v1", "--no-norm-reward", "--trials", "1"]
+    assert tune.main([*argv, "--study-dir", str(tmp_path)]) == 0
+    [trial] = trials(sqlite(tmp_path), name="ppo_continuous-Pendulum-v1")
+    assert trial.state == TrialState.COMPLETE and trial.value < 0  # Pendulum's returns are negative
+    assert trial.params["learning_rate"] == ppo_continuous.Args.learning_rate and trial.params["ent_coef"] > 0
+    assert "--no-norm-reward" in trial.user_attrs["command"]
+
+
 def test_a_batch_larger_than_the_run_is_that_trials_result(tmp_path, caplog):
     """No sizes given and a short run: the script's defaults (a batch of 16,384 steps) do not fit
     1,024 steps, which prunes that trial, and the study goes on to its end."""
