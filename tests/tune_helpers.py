@@ -34,9 +34,9 @@ def start_killed_mid_write(*argv):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def trials(storage, name=STUDY):
+def trials(storage, name=STUDY, states=None):
     """The study's trials as plain Optuna reads them."""
-    return optuna.load_study(study_name=name, storage=storage).get_trials()
+    return optuna.load_study(study_name=name, storage=storage).get_trials(states=states)
 
 
 def check_killed_trial_failed_once(done, budget):
