@@ -1,4 +1,4 @@
-"""What the tuner's tests share: tiny CartPole trials, tuner processes, a throwaway PostgreSQL server."""
+"""What the tuner's tests share: tiny CartPole trials, a tuner killed mid-write, a throwaway PostgreSQL."""
 import contextlib
 import glob
 import os
@@ -6,77 +6,62 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
+
+import optuna
 
 from conftest import ROOT
 
 TUNE = os.path.join(ROOT, "benchmark", "tune.py")
-# Four 64-step iterations, an evaluation after each, 2 episodes: a trial is about a process start-up.
-TINY = ["--env-id", "CartPole-v1", "--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2",
-        "--update-epochs", "1", "--total-timesteps", "256", "--eval-episodes", "2", "--periodic-eval-episodes", "2"]
+# Four 64-step iterations, each followed by an evaluation of 2 episodes: a trial takes about a second.
+TINY = ["ppo_discrete", "--env-id", "CartPole-v1", "--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2",
+        "--update-epochs", "1", "--total-timesteps", "256", "--eval-episodes", "2", "--heartbeat", "1"]
 STUDY = "ppo_discrete-CartPole-v1"
+# A tuner that SIGKILLs itself in its first trial, inside the transaction that writes the trial's
+# first evaluation: the statement is sent, the commit never comes. A kill -9 from outside at that
+# moment, made certain.
+KILLED_MID_WRITE = """import os, runpy, sys, sqlalchemy
+def kill(conn, cursor, statement, *args):
+    if statement.startswith("INSERT INTO trial_intermediate_values"):
+        os.kill(os.getpid(), 9)
+sqlalchemy.event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", kill)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
-def tune_args(study_dir, *extra):
-    return ["ppo_discrete", *TINY, "--study-dir", str(study_dir), *extra]
+def start_killed_mid_write(*argv):
+    return subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, TUNE, *argv], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def start(study_dir, *extra):
-    """The tuner as a process in its own group, as a terminal or a batch system would start it."""
-    return subprocess.Popen([sys.executable, TUNE, *tune_args(study_dir, *extra)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=ROOT)
+def trials(storage, name=STUDY, states=None):
+    """The study's trials as plain Optuna reads them."""
+    return optuna.load_study(study_name=name, storage=storage).get_trials(states=states)
 
 
-def read_until(proc, text, lines=None):
-    lines = [] if lines is None else lines
-    for line in proc.stdout:
-        lines.append(line)
-        if text in line:
-            return "".join(lines)
-    raise AssertionError(f"{text!r} never came:\n{''.join(lines)}")
-
-
-def children(pid, within=20.0):
-    """The processes whose parent is pid (Linux's /proc), once there is one."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        kids = []
-        for stat in glob.glob("/proc/[0-9]*/stat"):
-            with contextlib.suppress(OSError, IndexError), open(stat) as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    kids.append(int(stat.split("/")[2]))
-        if kids:
-            return kids
-        time.sleep(0.1)
-    return []
-
-
-def gone(pid, within=20.0):
-    """Whether process pid ends (or is a zombie) within `within` seconds."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return True
-        except OSError:
-            return True
-        time.sleep(0.1)
-    return False
+def check_killed_trial_failed_once(done, budget):
+    """The killed worker's trial failed (its write lost) and was queued once more with the same
+    parameters; the budget finished exactly, each trial once; nothing left RUNNING."""
+    states = [t.state for t in done]
+    failed = [t for t in done if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].intermediate_values == {}, states
+    retries = [t for t in done if t.system_attrs.get("failed_trial") == failed[0].number]
+    assert len(retries) == 1 and retries[0].params == failed[0].params, states
+    assert sum(s in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for s in states) == budget
+    assert optuna.trial.TrialState.RUNNING not in states
 
 
 @contextlib.contextmanager
 def postgres_server():
     """A PostgreSQL server on a local socket for the length of the block: TUNE_TEST_POSTGRES if set
-    (.ci/run starts one), else a throwaway cluster of Debian's package, run as the postgres user
-    when we are root (initdb refuses root). Yields its URL; raises RuntimeError saying why not."""
+    (.ci/run starts one), else a throwaway cluster of an installed PostgreSQL, run as the postgres
+    user when we are root (initdb refuses root). Yields its URL; raises RuntimeError saying why not."""
     if os.environ.get("TUNE_TEST_POSTGRES"):
         yield os.environ["TUNE_TEST_POSTGRES"]
         return
     initdb = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
     if initdb[-1] is None:
-        raise RuntimeError("TUNE_TEST_POSTGRES is unset and no PostgreSQL server is installed: "
-                           "apt-get install postgresql, or run bash .ci/run")
+        raise RuntimeError("no PostgreSQL server is installed and TUNE_TEST_POSTGRES is unset")
     bin_dir, folder = os.path.dirname(initdb[-1]), tempfile.mkdtemp(prefix="tune-pg-")
     prefix = []
     if os.geteuid() == 0:
@@ -90,7 +75,7 @@ def postgres_server():
     def pg(*cmd):
         out = subprocess.run([*prefix, *cmd], capture_output=True, text=True)
         if out.returncode:
-            raise RuntimeError(f"{' '.join(cmd[:1])} failed: {(out.stderr or out.stdout).strip()[-500:]}")
+            raise RuntimeError(f"{os.path.basename(cmd[0])} failed: {(out.stderr or out.stdout).strip()[-300:]}")
 
     try:
         pg(os.path.join(bin_dir, "initdb"), "-D", data, "-A", "trust", "-U", "postgres")
