@@ -25,6 +25,7 @@ if __name__ == "__main__":  # Ctrl-C outside training (imports included): a quie
 
 import io  # noqa: E402 (after the handler)
 import json
+import logging
 import math
 import os
 import random
@@ -592,9 +593,9 @@ class Harness:
         self.returns.extend(episode.episode_return for episode in episodes)
         if now - self.last_print >= 5 or global_step >= self.final:  # a progress line every 5 s
             sps = (global_step - self.last_step) / (now - self.last_print)
-            eta = int((self.final - global_step) / sps)
             print(f"step {global_step:>10,}/{self.final:,} | {sps:6,.0f} steps/s | return "
-                  f"{np.mean(self.returns) if self.returns else math.nan:8.1f} (last 20 episodes) | ETA {eta // 60}m{eta % 60:02d}s", flush=True)
+                  f"{np.mean(self.returns) if self.returns else math.nan:8.1f} (last 20 episodes) | ETA "
+                  f"{time.strftime('%H:%M:%S', time.gmtime((self.final - global_step) / sps))}", flush=True)
             self.last_print, self.last_step = now, global_step
         if args.eval_every and self.iteration % args.eval_every == 0:
             returns = evaluate(self.agent, args.env_id, max(1, args.eval_episodes // 5), args.seed + 10**6, args.device)
@@ -619,8 +620,7 @@ class Harness:
             self.intact = f"{self.run_dir}/checkpoint.pt (step {self.global_step:,}) is intact"
 
     def write(self, name: str, data: bytes) -> None:
-        """Atomically: a crash or a full disk leaves the old file whole (a kill's .tmp is overwritten next time)."""
-        path = os.path.join(self.run_dir, name)
+        path = os.path.join(self.run_dir, name)  # atomically: a crash or a full disk leaves the old file whole
         try:
             with open(path + ".tmp", "wb") as f:
                 f.write(data)
@@ -688,6 +688,7 @@ def run(argv: list[str]) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(1)  # for 64-wide layers a second thread costs more in sync than it gains
+    logging.getLogger("torch._dynamo.variables.ctx_manager").setLevel(logging.ERROR)  # "profiler hook ignored"
     try:  # Ctrl-C outside training (set quiet above) stops at once: nothing is left to save
         return run(sys.argv[1:] if argv is None else list(argv))
     except RunError as e:
