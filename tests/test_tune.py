@@ -127,18 +127,18 @@ def unknown_name(trial):
 
 
 @pytest.mark.parametrize("argv, space, message", [
-    (["--gamma", "2"], None, "--gamma must lie in [0, 1], got 2.0"),
-    (["--target-kl", "nan"], None, "--target-kl must be a finite number, got nan"),
-    (["--learning-rate", "nan"], None, "--learning-rate must be a finite number"),
+    (["--gamma", "2"], None, "--gamma must be in [0, 1], got 2.0"),
+    (["--target-kl", "nan"], None, "--target-kl must be finite, got nan"),
+    (["--learning-rate", "nan"], None, "--learning-rate must be finite"),
     (["--total-timesteps", "0"], None, "--total-timesteps must be positive"),
     (["--num-envs", "two"], None, "argument --num-envs: invalid int value: 'two'"),
     (["--no-such-flag", "3"], None, "unrecognized arguments: --no-such-flag"),
     (["--seed", "3"], None, "unrecognized arguments: --seed"),  # the tuner runs seeds 1..--seeds
     (["--env-id", "NoSuchEnv-v0"], None, "cannot make env 'NoSuchEnv-v0'"),
-    (["--env-id", "Pendulum-v1"], None, "continuous (Box) action space"),
+    (["--env-id", "Pendulum-v1"], None, "(Box actions: ppo_continuous.py)"),
     (["--trials", "-1"], None, "--trials must be 0 or more"),
     (["--workers", "0"], None, "--workers must be positive"),
-    ([], bad_space, "sample_params: gamma = 2.0 can never train (--gamma must lie in [0, 1], got 2.0)"),
+    ([], bad_space, "sample_params: gamma = 2.0 can never train (--gamma must be in [0, 1], got 2.0)"),
     ([], bad_range, "sample_params: `low > 0` must hold for `log=True`"),
     ([], unknown_name, "sample_params: gama is not a hyperparameter of ppo_discrete.py"),
     (["--storage", "post gres://x"], None, "cannot open the study: Could not parse SQLAlchemy URL"),

@@ -24,6 +24,8 @@ def own_names(module):
     """Functions, classes and upper-case constants the module defines itself (not imports)."""
     names = set()
     for name, obj in vars(module).items():
+        if name.startswith("_"):  # e.g. the resume functions torch.compile adds to a module it traced
+            continue
         if inspect.isfunction(obj) or inspect.isclass(obj):
             if obj.__module__ == module.__name__:
                 names.add(name)
