@@ -11,7 +11,6 @@ import argparse
 import importlib
 import os
 import sys
-from dataclasses import fields, replace
 
 import gymnasium as gym
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from tools.loading import load_agent  # noqa: E402
 
 
 def check_display(script: str, checkpoint: str):
@@ -39,26 +39,6 @@ def check_display(script: str, checkpoint: str):
             return None
     return (f"{f'no display answers at {where}' if where else 'no display is set'}: record videos with "
             f"`python {script}.py --eval-checkpoint {checkpoint} --capture-video` instead")
-
-
-def load_agent(script, checkpoint: str):
-    """(the run's Args, its agent with the checkpoint's weights), or RunError with one line."""
-    data = script.load_checkpoint(checkpoint)
-    try:
-        args = replace(script.Args(**{f.name: data["args"][f.name] for f in fields(script.Args)}), cuda=False)
-    except KeyError as e:  # a checkpoint of an older version of the script
-        raise script.RunError(f"{checkpoint} lacks the flag {e.args[0]!r}: another version of "
-                              f"{script.__name__}.py wrote it") from None
-    if args.env_id not in gym.registry:  # gym.make("module:Env") would import that module
-        raise script.RunError(f"{checkpoint} names env {args.env_id!r}, which is not a registered Gymnasium id")
-    if error := script.check_env(args.env_id):
-        raise script.RunError(error)
-    agent, _ = script.make_agent_and_optimizer(args)
-    try:
-        agent.load_state_dict(data["model"])
-    except (KeyError, RuntimeError):
-        raise script.RunError(f"{checkpoint}'s weights do not fit the agent for {args.env_id}") from None
-    return args, agent.eval()
 
 
 def main(argv=None) -> int:
