@@ -511,7 +511,7 @@ class Harness:
               file=sys.stderr)
 
     def train(self) -> None:
-        """train() with this hook and signal handler, TensorBoard and videos; a write error is one line."""
+        """train() with this hook, this signal handler and TensorBoard; a write error is one line."""
         from torch.utils.tensorboard import SummaryWriter  # slow to import: only when training
         args, step = self.args, self.global_step
         print(f"{SCRIPT}: {args.env_id}, batches of {args.batch_size} (minibatches of {args.minibatch_size}) to step "
