@@ -10,10 +10,10 @@ Needs `pip install -r benchmark/requirements.txt` (onnx, onnxscript, onnxruntime
 """
 
 import argparse
-import contextlib
 import importlib
 import logging
 import os
+import pathlib
 import sys
 import warnings
 import zipfile
@@ -24,7 +24,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tools.loading import load_agent  # noqa: E402
+from tools.loading import load_agent, write_whole  # noqa: E402
 N_CHECKS = 4096
 
 
@@ -95,14 +95,7 @@ def export(script, checkpoint: str, out: str) -> int:
     if not same.all():
         raise script.RunError(f"the exported graph disagrees with the agent on {int((~same).sum())} of {N_CHECKS} "
                               "random observations: nothing was written", 1)
-    try:  # a temp file, then a rename: a failed write leaves no half of a file under the name
-        with open(out + ".tmp", "wb") as f:
-            f.write(model)
-        os.replace(out + ".tmp", out)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(out + ".tmp")
-        raise script.RunError(f"cannot write {out} ({e.strerror or e}): nothing was exported", 1) from None
+    write_whole(script, out, lambda path: pathlib.Path(path).write_bytes(model), ": nothing was exported")
     print(f"exported {out}: obs ({obs_space.shape[0]},) float32 in, action out; the agent's actions on "
           f"{N_CHECKS} random observations (onnxruntime)")
     return 0

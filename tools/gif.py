@@ -9,7 +9,6 @@ rate / --every.
 """
 
 import argparse
-import contextlib
 import importlib
 import os
 import sys
@@ -22,7 +21,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tools.loading import load_agent  # noqa: E402
+from tools.loading import load_agent, write_whole  # noqa: E402
 COLORS = 32  # palette size of each frame: the envs draw few colours, and the GIF stays small
 
 
@@ -73,14 +72,8 @@ def animate(script, opts) -> int:
     # GIF times are in hundredths of a second, and browsers slow any under 2 hundredths to 10.
     durations = [max(2, round(100 / fps)) * 10] * len(frames)
     durations[-1] *= 10  # rest on the last frame before the loop starts again
-    try:  # a temp file, then a rename: a failed write leaves the old GIF, if any, and no part of a new one
-        frames[0].save(out + ".tmp", format="GIF", save_all=True, append_images=frames[1:], duration=durations,
-                       loop=0, optimize=True)
-        os.replace(out + ".tmp", out)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.remove(out + ".tmp")
-        raise script.RunError(f"cannot write {out} ({e.strerror or e})", 1) from None
+    write_whole(script, out, lambda path: frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:],
+                                                          duration=durations, loop=0, optimize=True))
     # Pillow merges a frame identical to the one before into it (a longer duration), so the file may hold fewer.
     print(f"{out}: {len(frames)} frames at {fps:g} fps, {os.path.getsize(out) / 1e6:.2f} MB; "
           f"episode return {episode_return:.1f} in {step} steps")

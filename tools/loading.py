@@ -1,6 +1,9 @@
 """What the tools share: a checkpoint's agent, read through the script that wrote it (its own
-load_checkpoint, Args and make_agent_and_optimizer), on the CPU. Trains nothing."""
+load_checkpoint, Args and make_agent_and_optimizer), on the CPU; and a file written whole or not at all.
+Trains nothing."""
 
+import contextlib
+import os
 from dataclasses import fields, replace
 
 import gymnasium as gym
@@ -24,3 +27,15 @@ def load_agent(script, checkpoint: str):
     except (KeyError, RuntimeError):
         raise script.RunError(f"{checkpoint}'s weights do not fit the agent for {args.env_id}") from None
     return args, agent.eval()
+
+
+def write_whole(script, out: str, write, after: str = "") -> None:
+    """write(path) into out + ".tmp", then renamed over out: a failed write leaves no part of a file under
+    that name (and the old file, if any). An OSError is RunError's one line, then `after`."""
+    try:
+        write(out + ".tmp")
+        os.replace(out + ".tmp", out)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(out + ".tmp")
+        raise script.RunError(f"cannot write {out} ({e.strerror or e}){after}", 1) from None
